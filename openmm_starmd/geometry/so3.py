@@ -97,7 +97,8 @@ def log_map(R: torch.Tensor) -> torch.Tensor:
     generic = factor[..., None] * v
 
     # near-pi branch: axis from the symmetric part
-    near_pi = theta > math.pi - 1e-2
+    # theta/sin(theta) amplifies rounding near pi; past pi/2 the symmetric part is well conditioned
+    near_pi = theta > 0.5 * math.pi
     cos = torch.cos(theta)
     sym = 0.5 * (R + R.transpose(-1, -2))
     eye = torch.eye(3, dtype=R.dtype, device=R.device)
