@@ -64,9 +64,11 @@ def exp_map(omega: torch.Tensor) -> torch.Tensor:
     omega : (..., 3), radians along the axis -> returns (..., 3, 3)
     """
     theta2 = (omega * omega).sum(-1)
-    theta = theta2.clamp_min(0).sqrt()
-    small = theta < _small_angle_eps(omega.dtype)
-    safe = torch.where(small, torch.ones_like(theta), theta)
+    eps = _small_angle_eps(omega.dtype)
+    small = theta2 < eps * eps
+    # sqrt only of the safe branch: d sqrt/dx is inf at 0 and would turn the masked branch's
+    # zero gradient into NaN (a zero-initialised rotation head produces exactly omega = 0)
+    safe = torch.where(small, torch.ones_like(theta2), theta2).sqrt()
     a = torch.where(small, 1 - theta2 / 6 + theta2 * theta2 / 120, torch.sin(safe) / safe)
     b = torch.where(small, 0.5 - theta2 / 24 + theta2 * theta2 / 720, (1 - torch.cos(safe)) / (safe * safe))
     K = hat(omega)
