@@ -20,8 +20,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# one BLAS thread per process: on 2 shared cores OpenBLAS threads oversubscribe badly
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) demo_out
