@@ -1,0 +1,123 @@
+"""training/data.py: window sampling properties.
+
+The sampler's statistics are checked on shards whose coordinates encode (frame, residue) so every
+returned window can be traced back exactly; one test also runs on the real MD shard.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from openmm_starmd.data import BackboneShard, TrajectoryError, read_backbone_trajectory
+from training_helpers import load_training_module
+
+data = load_training_module("data")
+
+
+def _shard(name, n_frames, n_res, spacing=0.01, replica=0, chains=None):
+    """Coordinates: x = frame index, y = residue index, z = atom slot, so windows are traceable."""
+    f, r, a = np.meshgrid(np.arange(n_frames), np.arange(n_res), np.arange(4), indexing="ij")
+    coords = np.stack([f, r, a], axis=-1).astype(np.float32)
+    chain = np.zeros(n_res, int) if chains is None else np.asarray(chains)
+    return BackboneShard(coords, spacing, "A" * n_res, np.arange(1, n_res + 1), chain,
+                         [chr(65 + c) for c in range(chain.max() + 1)], np.ones(n_res, bool), name=name,
+                         replica=replica)
+
+
+def test_window_is_a_strided_slice_of_one_trajectory():
+    s = data.WindowSampler([_shard("p", 1001, 12)], window=5, seed=0)
+    for _ in range(200):
+        ex = s.sample_one()
+        frames = ex["coords_nm"][:, 0, 0, 0]
+        k = round(float(ex["dt_ns"]) / 0.01)
+        assert k >= 1
+        np.testing.assert_array_equal(np.diff(frames), k)
+        assert frames[-1] < 1001
+        assert ex["start_time_ns"] == pytest.approx((frames[0] + 1) * 0.01)
+
+
+def test_dt_is_log_uniform_over_the_supported_range():
+    """10 ns of 10 ps frames, L = 2: Δt spans 0.01..10 ns; each decade gets ~1/3 of draws."""
+    s = data.WindowSampler([_shard("p", 1001, 3)], window=2, seed=1)
+    dt = np.array([s.sample_one()["dt_ns"] for _ in range(3000)])
+    assert dt.min() >= 0.01 - 1e-9 and dt.max() <= 10.0 + 1e-6
+    decades = np.histogram(np.log10(dt), bins=[-2.0001, -1, 0, 1.0001])[0] / dt.size
+    np.testing.assert_allclose(decades, 1 / 3, atol=0.04)
+
+
+def test_dt_limited_by_trajectory_length_and_window():
+    """101 frames, L = 5: largest stride 25 frames -> Δt ≤ 0.25 ns."""
+    s = data.WindowSampler([_shard("p", 101, 3)], window=5, seed=2)
+    dt = np.array([s.sample_one()["dt_ns"] for _ in range(500)])
+    assert dt.max() <= 0.25 + 1e-6 and dt.max() > 0.2
+    assert s.dt_support_ns(s.by_protein["p"][0].shard) == (0.01, pytest.approx(0.25))
+
+
+def test_deterministic_given_seed():
+    shards = [_shard("a", 300, 10), _shard("b", 500, 30, replica=0), _shard("b", 500, 30, replica=1)]
+    a = data.WindowSampler(shards, window=4, max_residues=16, seed=5).sample(8)
+    b = data.WindowSampler(shards, window=4, max_residues=16, seed=5).sample(8)
+    c = data.WindowSampler(shards, window=4, max_residues=16, seed=6).sample(8)
+    for key in ("coords_nm", "dt_ns", "mask", "residue_index"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["protein"] == b["protein"]
+    assert not np.array_equal(a["coords_nm"], c["coords_nm"])
+
+
+def test_crop_is_contiguous_and_padding_is_masked():
+    shards = [_shard("small", 200, 10), _shard("big", 200, 40)]
+    s = data.WindowSampler(shards, window=3, max_residues=16, seed=3)
+    batch = s.sample(16)
+    assert batch["coords_nm"].shape == (16, 3, 16, 4, 3)
+    for i, name in enumerate(batch["protein"]):
+        n = 10 if name == "small" else 16
+        assert batch["mask"][i].sum() == n
+        res = batch["coords_nm"][i, 0, :n, 0, 1]
+        np.testing.assert_array_equal(np.diff(res), 1)  # contiguous residues
+        np.testing.assert_array_equal(batch["residue_index"][i, :n], res)  # 0-based chain position
+        assert (batch["coords_nm"][i, :, n:] == 0).all() and (batch["aatype"][i, n:] == 20).all()
+
+
+def test_residue_index_restarts_per_chain():
+    s = data.WindowSampler([_shard("ab", 50, 8, chains=[0, 0, 0, 1, 1, 1, 1, 1])], window=2, seed=0)
+    ex = s.sample(1)
+    assert ex["residue_index"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert ex["chain_index"][0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def test_proteins_sampled_uniformly_not_by_replica_count():
+    shards = [_shard("one", 100, 3)] + [_shard("three", 100, 3, replica=r) for r in range(3)]
+    s = data.WindowSampler(shards, window=2, seed=4)
+    names = [s.sample_one()["protein"] for _ in range(2000)]
+    assert abs(names.count("one") / 2000 - 0.5) < 0.05
+
+
+def test_torch_output_types():
+    torch = pytest.importorskip("torch")
+    batch = data.WindowSampler([_shard("p", 100, 5)], window=3, seed=0).sample(2, as_torch=True)
+    assert batch["coords_nm"].dtype == torch.float32 and tuple(batch["coords_nm"].shape) == (2, 3, 5, 4, 3)
+    assert batch["aatype"].dtype == torch.int64 and batch["mask"].dtype == torch.bool
+
+
+def test_too_few_frames_for_window():
+    with pytest.raises(TrajectoryError, match=r"'p' r0: 3 frames, fewer than the window of 5"):
+        data.WindowSampler([_shard("p", 3, 4)], window=5)
+
+
+def test_no_supported_dt():
+    """1 ps frames, 5 frames, dt_min 10 ps: stride ≥ 10 needed, only 4 possible."""
+    with pytest.raises(TrajectoryError, match="supports no Δt"):
+        data.WindowSampler([_shard("p", 5, 4, spacing=0.001)], window=2)
+
+
+def test_on_real_md_shard(short_run):
+    out = short_run["out"]
+    shard = read_backbone_trajectory(str(out / "traj.dcd"), str(out / "topology.pdb"), frame_spacing_ns=0.0002,
+                                     name="2M9I")
+    s = data.WindowSampler([shard], window=4, dt_range_ns=(0.0002, 0.01), seed=0)
+    batch = s.sample(4)
+    assert batch["coords_nm"].shape == (4, 4, 34, 4, 3)
+    assert np.isfinite(batch["coords_nm"]).all() and batch["mask"].all()
+    ca_n = np.linalg.norm(batch["coords_nm"][..., 1, :] - batch["coords_nm"][..., 0, :], axis=-1)
+    np.testing.assert_allclose(ca_n, 0.146, atol=0.01)  # N-CA bond length, nm

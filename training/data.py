@@ -1,0 +1,193 @@
+"""Training windows for STAR-MD: L frames at a random stride, Δt ~ LogUniform[0.01, 10] ns.
+
+STAR-MD is trained on windows of L consecutive *sampled* frames x_1..x_L separated by a physical
+time step Δt that varies per example (log-uniform over 10 ps .. 10 ns), so one model learns to
+step at any Δt it is conditioned on (AdaLN). A trajectory saved every s ns can only provide Δt
+that are multiples of s with (L - 1) Δt within its length, so per example we:
+
+1. pick a protein uniformly (not a trajectory: proteins with more replicas are not favoured),
+   then one of its replicas uniformly;
+2. draw log Δt uniformly in [log max(dt_min, s), log min(dt_max, s * floor((F - 1) / (L - 1)))]
+   (the part of the requested range this trajectory supports), round Δt / s to the nearest
+   integer stride k ≥ 1 and return the realised Δt = k s;
+3. pick the start frame uniformly among those for which the window fits;
+4. crop chains longer than ``max_residues`` to a contiguous random window of residues (the
+   paper trains on ATLAS chains cropped to a residue budget; contiguous crops keep the chain
+   geometry intact).
+
+Batches are padded to the longest example with ``mask = False``. Everything is deterministic
+given the seed. ``residue_index`` counts residues from 0 within each chain, as
+:mod:`openmm_starmd.protein` does at inference.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from openmm_starmd.data import BackboneShard, TrajectoryError, load_shard
+
+__all__ = ["WindowSampler", "load_split"]
+
+
+def load_split(manifest_path: str, split: Optional[str] = None, verify: bool = True) -> list:
+    """Load the shards of one split (``train``/``validation``/``test``; None = all) of a manifest."""
+    with open(manifest_path) as fh:
+        manifest = json.load(fh)
+    base = os.path.dirname(os.path.abspath(manifest_path))
+    shards = []
+    for e in manifest["shards"]:
+        if split is None or e["split"] == split:
+            shards.append(load_shard(os.path.join(base, e["file"]), sha256=e["sha256"] if verify else None))
+    if not shards:
+        raise TrajectoryError(f"{manifest_path}: no shards in split {split!r}; run training/prepare.py or pick another split.")
+    return shards
+
+
+@dataclass
+class _Traj:
+    shard: BackboneShard
+    max_stride: int  # largest stride k with (L - 1) k <= F - 1
+
+
+class WindowSampler:
+    """Random training windows from backbone shards.
+
+    Parameters
+    ----------
+    shards : sequence of BackboneShard
+    window : int
+        Frames per example L (≥ 2).
+    dt_range_ns : (float, float)
+        Range of the log-uniform Δt distribution, ns.
+    max_residues : int, optional
+        Residue budget; longer chains are cropped to a contiguous random window.
+    seed : int
+        Seed of the sampler's generator.
+
+    Raises
+    ------
+    TrajectoryError
+        A shard has fewer frames than the window, or no shard supports any Δt in the range.
+    """
+
+    def __init__(self, shards: Sequence[BackboneShard], window: int, dt_range_ns=(0.01, 10.0),
+                 max_residues: Optional[int] = None, seed: int = 0):
+        if window < 2:
+            raise ValueError(f"window={window}: a window needs at least 2 frames; pass window >= 2.")
+        self.window = int(window)
+        self.dt_min, self.dt_max = float(dt_range_ns[0]), float(dt_range_ns[1])
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"dt_range_ns={dt_range_ns}: need 0 < min <= max.")
+        self.max_residues = max_residues
+        self.rng = np.random.default_rng(seed)
+        self.by_protein: dict[str, list[_Traj]] = {}
+        for sh in shards:
+            if sh.n_frames < self.window:
+                raise TrajectoryError(
+                    f"shard {sh.name!r} r{sh.replica}: {sh.n_frames} frames, fewer than the window of {self.window}; "
+                    "use a shorter window or leave this trajectory out until it is longer.")
+            k_max = (sh.n_frames - 1) // (self.window - 1)
+            k_lo = max(1, math.ceil(self.dt_min / sh.frame_spacing_ns - 1e-9))
+            # A trajectory whose spacing exceeds dt_max still serves its smallest stride.
+            if k_lo > k_max:
+                raise TrajectoryError(
+                    f"shard {sh.name!r} r{sh.replica}: supports no Δt in [{self.dt_min}, {self.dt_max}] ns for a "
+                    f"window of {self.window} (spacing {sh.frame_spacing_ns} ns, {sh.n_frames} frames); "
+                    "use a shorter window or a longer trajectory.")
+            self.by_protein.setdefault(sh.name, []).append(_Traj(sh, k_max))
+        if not self.by_protein:
+            raise TrajectoryError("WindowSampler got no shards; pass at least one BackboneShard.")
+        self.proteins = sorted(self.by_protein)
+
+    def dt_support_ns(self, shard: BackboneShard) -> tuple[float, float]:
+        """The Δt interval (ns) this sampler can draw from ``shard``."""
+        s = shard.frame_spacing_ns
+        k_max = (shard.n_frames - 1) // (self.window - 1)
+        lo = max(self.dt_min, s)
+        return lo, max(lo, min(self.dt_max, k_max * s))
+
+    def _draw_stride(self, t: _Traj) -> int:
+        s = t.shard.frame_spacing_ns
+        lo = max(self.dt_min, s)
+        hi = max(lo, min(self.dt_max, t.max_stride * s))
+        dt = math.exp(self.rng.uniform(math.log(lo), math.log(hi)))
+        return int(min(max(1, round(dt / s)), t.max_stride))
+
+    def sample_one(self) -> dict:
+        """One example: coords (L, N, 4, 3) nm, aatype, residue/chain index, mask, dt_ns, names."""
+        name = self.proteins[self.rng.integers(len(self.proteins))]
+        trajs = self.by_protein[name]
+        t = trajs[self.rng.integers(len(trajs))]
+        sh = t.shard
+        k = self._draw_stride(t)
+        span = (self.window - 1) * k
+        start = int(self.rng.integers(sh.n_frames - span))
+        frames = start + k * np.arange(self.window)
+        n = sh.n_residues
+        r0, r1 = 0, n
+        if self.max_residues is not None and n > self.max_residues:
+            r0 = int(self.rng.integers(n - self.max_residues + 1))
+            r1 = r0 + self.max_residues
+        chain = sh.chain_index
+        # 0-based position within each chain, computed on the full chain before cropping.
+        pos = np.zeros(n, dtype=np.int64)
+        for c in np.unique(chain):
+            sel = np.where(chain == c)[0]
+            pos[sel] = np.arange(sel.size)
+        return dict(
+            coords_nm=sh.coords_nm[frames, r0:r1],
+            aatype=sh.aatype[r0:r1].astype(np.int64),
+            residue_index=pos[r0:r1],
+            chain_index=chain[r0:r1].astype(np.int64),
+            mask=sh.residue_mask[r0:r1].copy(),
+            dt_ns=np.float32(k * sh.frame_spacing_ns),
+            start_time_ns=np.float32(sh.time_ns[start]),
+            protein=name,
+            replica=sh.replica,
+        )
+
+    def sample(self, batch_size: int, as_torch: bool = False) -> dict:
+        """A padded batch.
+
+        Returns
+        -------
+        dict
+            ``coords_nm`` (B, L, N, 4, 3) float32 nm; ``aatype``, ``residue_index``,
+            ``chain_index`` (B, N) int64; ``mask`` (B, N) bool; ``dt_ns`` (B,) float32;
+            ``start_time_ns`` (B,); ``protein`` list[str]; ``replica`` (B,) int64.
+            Torch tensors when ``as_torch``.
+        """
+        items = [self.sample_one() for _ in range(batch_size)]
+        n = max(it["coords_nm"].shape[1] for it in items)
+        b, L = batch_size, self.window
+        out = dict(
+            coords_nm=np.zeros((b, L, n, 4, 3), np.float32),
+            aatype=np.full((b, n), 20, np.int64),
+            residue_index=np.zeros((b, n), np.int64),
+            chain_index=np.zeros((b, n), np.int64),
+            mask=np.zeros((b, n), bool),
+            dt_ns=np.array([it["dt_ns"] for it in items], np.float32),
+            start_time_ns=np.array([it["start_time_ns"] for it in items], np.float32),
+            replica=np.array([it["replica"] for it in items], np.int64),
+        )
+        for i, it in enumerate(items):
+            m = it["coords_nm"].shape[1]
+            out["coords_nm"][i, :, :m] = it["coords_nm"]
+            for key in ("aatype", "residue_index", "chain_index", "mask"):
+                out[key][i, :m] = it[key]
+        if as_torch:
+            import torch
+
+            out = {k: torch.from_numpy(v) for k, v in out.items()}
+        out["protein"] = [it["protein"] for it in items]
+        return out
+
+    def batches(self, batch_size: int, n_batches: int, as_torch: bool = False) -> Iterable[dict]:
+        """``n_batches`` batches from this sampler's generator."""
+        for _ in range(n_batches):
+            yield self.sample(batch_size, as_torch=as_torch)

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Reference trajectories → backbone shards + manifest (the training set of STAR-MD).
+
+Walks ``<md-root>/<protein>/r<k>/`` (written by ``simulate.py``/``run_queue.py``), reads each
+trajectory's backbone (only the frames up to the last checkpoint, so runs still growing in the
+background are safe to read) and writes one shard per (protein, replica) to
+``training/data/shards/<protein>_r<k>.npz`` plus ``training/data/manifest.json``:
+
+    {"format_version": 1, "shards": [{"protein", "replica", "split", "file", "residues",
+      "frames", "spacing_ns", "total_ns", "sha256", "complete", "source"}, ...]}
+
+The split is by protein, never by frame, and comes from ``training/plan.json`` (test proteins
+have two replicas there); proteins the plan does not list go to ``train``. Shards are rebuilt
+only when the checkpointed frame count changed. ATLAS folders can be added with
+``--atlas DIR`` (every ``<name>_prod_R1_fit.xtc`` found there; split ``train``, or as listed in
+the plan).
+
+``--summary`` prints the table (protein, split, residues, replicas, ns, frames) and the range of
+Δt the data really covers for windows of ``--window`` frames: STAR-MD trains with Δt ~
+LogUniform[0.01, 10] ns, and a trajectory of F frames at spacing s only supports
+Δt ≤ s (F - 1) / (L - 1).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+from openmm_starmd.data import (FORMAT_VERSION, TrajectoryError, load_shard, read_backbone_trajectory,
+                                save_shard)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _splits_from_plan(plan_path: str | None) -> dict:
+    if not plan_path or not os.path.exists(plan_path):
+        return {}
+    with open(plan_path) as fh:
+        plan = json.load(fh)
+    return {name: p.get("split", "train") for name, p in plan.get("proteins", {}).items()}
+
+
+def find_runs(md_root: str) -> list[dict]:
+    """Every run directory with a checkpoint: dicts with protein, replica, dir, frames, record."""
+    runs = []
+    for ckpt in sorted(glob.glob(os.path.join(md_root, "*", "r*", "checkpoint.json"))):
+        run_dir = os.path.dirname(ckpt)
+        replica = os.path.basename(run_dir)[1:]
+        if not replica.isdigit():
+            continue
+        with open(ckpt) as fh:
+            frames = int(json.load(fh)["frames"])
+        with open(os.path.join(run_dir, "record.json")) as fh:
+            record = json.load(fh)
+        runs.append(dict(protein=os.path.basename(os.path.dirname(run_dir)), replica=int(replica), dir=run_dir,
+                         frames=frames, record=record, complete=os.path.exists(os.path.join(run_dir, "done"))))
+    return runs
+
+
+def shard_from_run(run: dict):
+    """Read the checkpointed part of one simulate.py run as a BackboneShard."""
+    s = run["record"]["settings"]
+    return read_backbone_trajectory(
+        os.path.join(run["dir"], "traj.dcd"), os.path.join(run["dir"], "topology.pdb"),
+        frame_spacing_ns=float(s["frame_ps"]) / 1000.0, n_frames=run["frames"], name=run["protein"],
+        replica=run["replica"], temperature_k=float(s["temperature_k"]),
+        forcefield="+".join(s.get("forcefield_files", [s["forcefield"]])),
+        provenance={"pdb_sha256": s.get("pdb_sha256"), "seed": s.get("seed"), "settings": s,
+                    "openmm": run["record"].get("versions", {}).get("openmm")})
+
+
+def build(md_root: str, out_dir: str, manifest_path: str, plan_path: str | None = None,
+          atlas_dirs=(), min_frames: int = 2, log=print) -> dict:
+    """(Re)build shards for every run with at least ``min_frames`` checkpointed frames."""
+    splits = _splits_from_plan(plan_path)
+    os.makedirs(out_dir, exist_ok=True)
+    old = {}
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as fh:
+            old = {(e["protein"], e["replica"]): e for e in json.load(fh).get("shards", [])}
+    base = os.path.dirname(os.path.abspath(manifest_path))
+    entries = []
+
+    def add(shard, source, complete):
+        fname = f"{shard.name}_r{shard.replica}.npz"
+        path = os.path.join(out_dir, fname)
+        sha = save_shard(path, shard)
+        entries.append(dict(protein=shard.name, replica=shard.replica, split=splits.get(shard.name, "train"),
+                            file=os.path.relpath(path, base), residues=shard.n_residues, frames=shard.n_frames,
+                            spacing_ns=float(shard.frame_spacing_ns), total_ns=round(shard.total_ns, 6),
+                            sha256=sha, complete=complete, source=source))
+        log(f"  wrote {fname}: {shard.n_residues} residues, {shard.n_frames} frames")
+
+    for run in find_runs(md_root):
+        if run["frames"] < min_frames:
+            continue
+        key = (run["protein"], run["replica"])
+        prev = old.get(key)
+        if prev and prev["frames"] == run["frames"] and os.path.exists(os.path.join(base, prev["file"])):
+            prev = dict(prev, split=splits.get(run["protein"], "train"), complete=run["complete"])
+            entries.append(prev)
+            continue
+        try:
+            add(shard_from_run(run), os.path.relpath(run["dir"], base), run["complete"])
+        except TrajectoryError as exc:
+            log(f"  skipped {run['protein']}/r{run['replica']}: {exc}")
+    for d in atlas_dirs:
+        from openmm_starmd.data import read_atlas
+
+        for xtc in sorted(glob.glob(os.path.join(d, "*_prod_R1_fit.xtc"))):
+            name = os.path.basename(xtc)[: -len("_prod_R1_fit.xtc")]
+            have = [k for k in (1, 2, 3) if os.path.exists(os.path.join(d, f"{name}_prod_R{k}_fit.xtc"))]
+            for shard in read_atlas(d, name, replicas=have):
+                add(shard, os.path.abspath(d), True)
+
+    by_protein = {}
+    for e in entries:
+        by_protein.setdefault(e["protein"], set()).add(e["split"])
+    mixed = [p for p, s in by_protein.items() if len(s) > 1]
+    if mixed:
+        raise ValueError(f"proteins {mixed} appear in several splits; a protein must belong to exactly one split.")
+    manifest = {"format_version": FORMAT_VERSION, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+                "md_root": os.path.relpath(os.path.abspath(md_root), base),
+                "shards": sorted(entries, key=lambda e: (e["split"], e["protein"], e["replica"]))}
+    tmp = manifest_path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def summary(manifest: dict, window: int = 2) -> str:
+    """A text table of the data set and the Δt range it supports for windows of ``window`` frames."""
+    rows = {}
+    for e in manifest["shards"]:
+        r = rows.setdefault(e["protein"], dict(split=e["split"], residues=e["residues"], replicas=0, ns=0.0,
+                                                frames=0, spacing=set(), min_ns=np.inf))
+        r["replicas"] += 1
+        r["ns"] += e["total_ns"]
+        r["frames"] += e["frames"]
+        r["spacing"].add(e["spacing_ns"])
+        r["min_ns"] = min(r["min_ns"], e["total_ns"])
+    lines = [f"{'protein':20s} {'split':10s} {'res':>4s} {'rep':>3s} {'ns':>8s} {'frames':>7s}"]
+    order = {"train": 0, "validation": 1, "test": 2}
+    for name, r in sorted(rows.items(), key=lambda kv: (order.get(kv[1]["split"], 3), kv[1]["residues"], kv[0])):
+        lines.append(f"{name:20s} {r['split']:10s} {r['residues']:4d} {r['replicas']:3d} {r['ns']:8.2f} {r['frames']:7d}")
+    tot = {s: sum(1 for r in rows.values() if r["split"] == s) for s in ("train", "validation", "test")}
+    ns = {s: sum(r["ns"] for r in rows.values() if r["split"] == s) for s in ("train", "validation", "test")}
+    lines.append("proteins: " + ", ".join(f"{s} {tot[s]} ({ns[s]:.1f} ns)" for s in tot))
+    if manifest["shards"]:
+        spacing = min(e["spacing_ns"] for e in manifest["shards"])
+        L = max(window, 2)
+        dt_max = [e["spacing_ns"] * ((e["frames"] - 1) // (L - 1)) for e in manifest["shards"] if e["frames"] >= L]
+        if dt_max:
+            lines.append(f"Δt covered for windows of L={L}: {spacing:g} ns to {max(dt_max):g} ns "
+                         f"(median trajectory up to {float(np.median(dt_max)):g} ns); "
+                         "STAR-MD samples LogUniform[0.01, 10] ns")
+        else:
+            lines.append(f"no trajectory has {L} frames yet")
+        short = [n for n, r in rows.items() if r["split"] == "test" and r["replicas"] < 2]
+        if short:
+            lines.append(f"test proteins with fewer than 2 replicas: {', '.join(short)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--md-root", default=os.path.join(HERE, "md"), help="root of simulate.py runs")
+    p.add_argument("--out", default=os.path.join(HERE, "data", "shards"), help="shard directory")
+    p.add_argument("--manifest", default=os.path.join(HERE, "data", "manifest.json"))
+    p.add_argument("--plan", default=os.path.join(HERE, "plan.json"), help="plan with the protein splits")
+    p.add_argument("--atlas", action="append", default=[], help="ATLAS folder to add (repeatable)")
+    p.add_argument("--min-frames", type=int, default=2, help="skip runs with fewer checkpointed frames")
+    p.add_argument("--summary", action="store_true", help="print the data table (after building unless --no-build)")
+    p.add_argument("--no-build", action="store_true", help="only print the summary of the existing manifest")
+    p.add_argument("--window", type=int, default=8, help="window length L used for the Δt range in --summary")
+    p.add_argument("--verify", action="store_true", help="load every shard and check its sha256")
+    args = p.parse_args(argv)
+    if args.no_build:
+        with open(args.manifest) as fh:
+            manifest = json.load(fh)
+    else:
+        manifest = build(args.md_root, args.out, args.manifest, args.plan, args.atlas, args.min_frames)
+    if args.verify:
+        base = os.path.dirname(os.path.abspath(args.manifest))
+        for e in manifest["shards"]:
+            load_shard(os.path.join(base, e["file"]), sha256=e["sha256"])
+        print(f"verified {len(manifest['shards'])} shards")
+    if args.summary:
+        print(summary(manifest, args.window))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Walk a plan of reference-MD jobs in order, resumably, in one long-lived process.
+
+The plan (``training/plan.json``, committed) lists proteins, their split and replica counts,
+and ordered *stages*; each stage grows a set of trajectories to a length in rounds of
+``chunk_ns``: round k extends every (protein, replica) of the stage to ``min(k * chunk_ns, ns)``
+before any trajectory gets round k + 1. Short chunks, smallest proteins first, mean every
+protein grows together and the data floor (10 proteins x 4 ns, 3 test proteins x 2 replicas) is
+reached as early as possible and is usable (partially) at any moment.
+
+Each job is ``training/simulate.py``'s :func:`run` on ``<md-root>/<protein>/r<k>/``; a killed
+queue resumes at the last checkpoint of the job it was in, because every job is resumable and
+finished ones are skipped. A failing job (e.g. a blow-up) is logged, recorded in
+``queue_status.json`` and its trajectory is skipped in later rounds; the queue goes on.
+Create ``<md-root>/STOP`` to stop cleanly between checkpoints of jobs.
+
+Seeds are derived from the protein name and replica (``crc32(name) % 10**6 + 10**6 * replica``)
+so reruns are reproducible and replicas independent.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import traceback
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import simulate  # noqa: E402  (training/ is a folder of scripts, not a package)
+
+DEFAULT_PLAN = os.path.join(HERE, "plan.json")
+DEFAULT_ROOT = os.path.join(HERE, "md")
+
+
+def seed_for(name: str, replica: int) -> int:
+    """Deterministic, distinct seed per (protein, replica)."""
+    return zlib.crc32(name.encode()) % 10**6 + 10**6 * replica
+
+
+def load_plan(path: str) -> dict:
+    """Read a plan JSON and resolve structure paths relative to the plan file."""
+    with open(path) as fh:
+        plan = json.load(fh)
+    base = os.path.dirname(os.path.abspath(path))
+    for name, p in plan["proteins"].items():
+        p["path"] = os.path.normpath(os.path.join(base, p["file"]))
+        if not os.path.exists(p["path"]):
+            raise FileNotFoundError(f"{path}: structure of {name} ({p['path']}) is missing; run training/fetch_structures.py.")
+    return plan
+
+
+def iter_jobs(plan: dict):
+    """Yield (stage index, protein, replica, target_ns) in queue order."""
+    for si, stage in enumerate(plan["stages"]):
+        chunk = float(stage.get("chunk_ns", 1.0))
+        goal = float(stage["ns"])
+        n_rounds = int(-(-goal // chunk))
+        for k in range(1, n_rounds + 1):
+            target = min(k * chunk, goal)
+            for name in stage["proteins"]:
+                for r in range(int(plan["proteins"][name].get("replicas", 1))):
+                    yield si, name, r, round(target, 6)
+
+
+def _log(msg: str) -> None:
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    print(f"[{stamp}] queue: {msg}", file=sys.stderr, flush=True)
+
+
+def job_args(plan: dict, name: str, replica: int, target_ns: float, root: str, extra: list[str]):
+    """The simulate.py argument namespace of one job."""
+    prot = plan["proteins"][name]
+    argv = [prot["path"], "--out", os.path.join(root, name, f"r{replica}"), "--ns", str(target_ns),
+            "--seed", str(seed_for(name, replica))]
+    if prot.get("prepare_options", {}).get("replace_nonstandard"):
+        argv.append("--replace-nonstandard")
+    argv += [str(x) for x in plan.get("simulate_args", [])] + extra
+    return simulate.build_parser().parse_args(argv)
+
+
+def run_queue(plan_path: str, root: str, extra: list[str], max_jobs: int | None = None) -> dict:
+    """Run every job of the plan that is not finished yet. Returns the status dict."""
+    plan = load_plan(plan_path)
+    os.makedirs(root, exist_ok=True)
+    status_path = os.path.join(root, "queue_status.json")
+    status = {"failed": {}, "pid": os.getpid(), "started": _dt.datetime.now().isoformat(timespec="seconds")}
+    if os.path.exists(status_path):
+        with open(status_path) as fh:
+            status["failed"] = json.load(fh).get("failed", {})
+    n = 0
+    for si, name, r, target in iter_jobs(plan):
+        key = f"{name}/r{r}"
+        if os.path.exists(os.path.join(root, "STOP")):
+            _log("STOP file found; exiting")
+            break
+        if key in status["failed"]:
+            continue
+        run_dir = os.path.join(root, name, f"r{r}")
+        frame_ps = float(plan.get("frame_ps", 10.0))
+        if simulate.read_checkpoint_frames(run_dir) >= round(target * 1000 / frame_ps):
+            continue
+        _log(f"stage {si} {key} -> {target} ns")
+        status.update(current=key, target_ns=target, stage=si)
+        simulate._atomic_write_json(status_path, status)
+        try:
+            simulate.run(job_args(plan, name, r, target, root, extra))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one bad protein must not stop hours of generation
+            _log(f"{key} FAILED: {exc}\n{traceback.format_exc()}")
+            status["failed"][key] = f"{type(exc).__name__}: {exc}"
+        n += 1
+        if max_jobs is not None and n >= max_jobs:
+            break
+    status.update(current=None, finished=_dt.datetime.now().isoformat(timespec="seconds"))
+    simulate._atomic_write_json(status_path, status)
+    _log("queue finished" if n == 0 or max_jobs is None or n < max_jobs else f"stopped after {n} jobs")
+    return status
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--plan", default=DEFAULT_PLAN, help="plan JSON (proteins, splits, replicas, stages)")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="output root: <root>/<protein>/r<k>/")
+    p.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs")
+    p.add_argument("--list", action="store_true", help="print the job order and exit")
+    args, extra = p.parse_known_args(argv)
+    if args.list:
+        plan = load_plan(args.plan)
+        for si, name, r, target in iter_jobs(plan):
+            print(si, f"{name}/r{r}", target)
+        return 0
+    # Anything not recognised here goes to simulate.py (e.g. --threads 1 --platform CPU).
+    run_queue(args.plan, args.root, extra, args.max_jobs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
