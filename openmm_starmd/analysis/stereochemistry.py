@@ -472,7 +472,8 @@ def fit_allatom_criteria(reference: md.Trajectory, percentile: float = 99.0,
     percentile : float
         Percentile of the reference's per-frame scores used as the pass threshold (default 99).
     peptide_bond_nm : float, nm
-        Absolute peptide bond threshold (default 0.140 nm).
+        Peptide C-N threshold (default 0.140 nm); raised to the reference's ``percentile`` of the
+        per-frame longest peptide bond when that is longer, so the MD oracle itself passes.
     **density_kwargs
         Passed to :func:`fit_dihedral_reference` (``bins``, ``sigma_deg``, ``min_samples``).
 
@@ -489,6 +490,14 @@ def fit_allatom_criteria(reference: md.Trajectory, percentile: float = 99.0,
     clash = heavy_atom_clashscore(reference)
     _, pos = peptide_bond_atoms(reference.topology)
     gaps = pos[peptide_bond_lengths(reference[0])[0] > PEPTIDE_GAP_NM]
+    # The absolute limit is raised to the oracle's own percentile of the per-frame longest bond:
+    # thermal C-N fluctuations (~0.002 nm) put 15-25% of real MD frames of a 48-residue protein
+    # above 0.140 nm somewhere, and a criterion that fails the MD oracle measures nothing.
+    lengths = peptide_bond_lengths(reference)
+    checked = ~np.isin(pos, gaps)
+    if checked.any():
+        oracle = float(np.percentile(lengths[:, checked].max(axis=1), percentile))
+        peptide_bond_nm = max(peptide_bond_nm, oracle)
     return AllAtomCriteria(
         dihedrals=dihedrals,
         max_clashscore=float(np.percentile(clash, percentile)),

@@ -162,3 +162,16 @@ def test_allatom_validity_invariant_to_rigid_motion(md_pair, criteria, random_ro
     a, b = allatom_validity(traj, criteria), allatom_validity(moved, criteria)
     for x, y in zip(a, b):
         np.testing.assert_allclose(np.asarray(x, float), np.asarray(y, float), atol=1e-6)
+
+
+def test_peptide_bond_limit_lets_the_md_oracle_pass(md_pair):
+    """The C-N limit is never below 0.140 nm and never fails more than 1% of the oracle's own frames."""
+    ref, _ = md_pair
+    crit = fit_allatom_criteria(ref, peptide_bond_nm=0.140)
+    assert crit.peptide_bond_nm >= 0.140
+    longest = peptide_bond_lengths(ref).max(axis=1)
+    # interpolated 99th percentile: at most ceil(1% of frames) lie above it
+    assert (longest > crit.peptide_bond_nm).sum() <= np.ceil(0.01 * len(longest))
+    # a strict absolute limit below thermal fluctuation is raised to the oracle's 99th percentile
+    strict = fit_allatom_criteria(ref, peptide_bond_nm=0.130)
+    assert strict.peptide_bond_nm == pytest.approx(np.percentile(longest, 99))
