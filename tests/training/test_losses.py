@@ -1,0 +1,162 @@
+"""training/losses.py: FrameDiff's denoising loss and the auxiliary backbone losses on real frames.
+
+Windows come from the real 1ENH trajectory (tests/data/short_md_1enh.npz); targets from the shared
+``training_sequence``. Properties: exact zeros for a perfect prediction (with finite gradients),
+known values for a known displacement, SE(3) invariance of the distance map and FAPE, the t filter
+of the auxiliary terms, the x0/score switch of the translation loss and the documented weights.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from openmm_starmd.diffusion import SE3Diffuser
+from openmm_starmd.geometry.frames import backbone_from_frames, frames_from_backbone
+from openmm_starmd.geometry.rigid import Rigid, apply
+from openmm_starmd.geometry.so3 import random_rotations
+from openmm_starmd.model.sequence import training_sequence
+from training_helpers import load_training_module
+
+losses = load_training_module("losses")
+SHORT_MD = Path(__file__).parents[1] / "data" / "short_md_1enh.npz"
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def window():
+    """Two windows of L=3 real frames (float64), mask, chains and targets at given times."""
+    d = np.load(SHORT_MD)
+    bb = torch.as_tensor(d["backbone_nm"], dtype=torch.float64)
+    idx = torch.tensor([[0, 5, 10], [40, 45, 50]])
+    frames = frames_from_backbone(bb[idx, :, 0], bb[idx, :, 1], bb[idx, :, 2])
+    B, L, N = frames.trans.shape[:3]
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, 7] = False  # one missing residue: it must not count anywhere
+    chains = torch.as_tensor(d["chain_index"]).expand(B, N)
+    return frames, mask, chains
+
+
+def _targets(frames, mask, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    _, targets = training_sequence(SE3Diffuser(), frames, mask, t, torch.full((t.shape[0],), 0.1), generator=g)
+    return targets
+
+
+def test_perfect_prediction_scores_zero_with_finite_gradients(window):
+    frames, mask, chains = window
+    t = torch.tensor([[0.05, 0.2, 0.6], [0.1, 0.9, 0.24]], dtype=torch.float64)
+    targets = _targets(frames, mask, t)
+    pred = Rigid(frames.rots.clone().requires_grad_(True), frames.trans.clone().requires_grad_(True))
+    cfg = losses.LossConfig(fape_weight=0.5)
+    out = losses.starmd_loss(SE3Diffuser(), pred, targets, mask, chains, cfg)
+    assert float(out["trans"]) == 0.0
+    assert float(out["bb_atom"]) == 0.0
+    assert float(out["fape"]) == pytest.approx(1e-3)  # AlphaFold's epsilon floor sqrt(1e-6) nm / 1 nm
+    assert float(out["dist_mat"]) < 1e-12
+    # the score implied by the true x0 is the conditional score the diffuser returned
+    assert float(out["rot"]) < 1e-12
+    out["loss"].backward()
+    assert torch.isfinite(pred.rots.grad).all() and torch.isfinite(pred.trans.grad).all()
+
+
+def test_known_displacement_gives_known_values_in_documented_units(window):
+    frames, mask, chains = window
+    t = torch.full((2, 3), 0.1, dtype=torch.float64)
+    targets = _targets(frames, mask, t)
+    shift = torch.tensor([0.1, 0.0, 0.0], dtype=torch.float64)  # 0.1 nm = 1 Å
+    pred = Rigid(frames.rots, frames.trans + shift)
+    out = losses.starmd_loss(SE3Diffuser(), pred, targets, mask, chains)
+    assert float(out["trans"]) == pytest.approx(0.01, rel=1e-9)  # nm^2
+    assert float(out["bb_atom"]) == pytest.approx(1.0, rel=1e-9)  # Å^2
+    assert float(out["dist_mat"]) < 1e-10  # a rigid shift keeps every distance
+    assert math.isnan(float(out["fape"]))  # off by default
+
+
+def test_distance_map_and_fape_are_invariant_to_a_rigid_motion_of_the_prediction(window):
+    frames, mask, chains = window
+    g = torch.Generator().manual_seed(3)
+    noisy = Rigid(frames.rots, frames.trans + 0.05 * torch.randn(frames.trans.shape, generator=g, dtype=torch.float64))
+    K = 6
+    pred = Rigid(noisy.rots.reshape(K, -1, 3, 3), noisy.trans.reshape(K, -1, 3))
+    true = Rigid(frames.rots.reshape(K, -1, 3, 3), frames.trans.reshape(K, -1, 3))
+    m = mask[:, None].expand(2, 3, -1).reshape(K, -1)
+    c = chains[:, None].expand(2, 3, -1).reshape(K, -1)
+    q = random_rotations((), generator=g, dtype=torch.float64)
+    moved = Rigid(q @ pred.rots, pred.trans @ q.T + torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    atoms = lambda r: backbone_from_frames(r, chain_index=c)
+    dm = losses.distance_map_loss(atoms(pred), atoms(true), m, 0.6)
+    dm_moved = losses.distance_map_loss(atoms(moved), atoms(true), m, 0.6)
+    torch.testing.assert_close(dm_moved, dm, rtol=1e-9, atol=1e-12)
+    fape = losses.backbone_fape(pred, true, m, 1.0)
+    torch.testing.assert_close(losses.backbone_fape(moved, true, m, 1.0), fape, rtol=1e-9, atol=1e-12)
+    assert (dm > 0).all() and (fape > 0).all()
+    # the atom loss is not invariant: it sees the motion
+    assert (losses.backbone_atom_loss(atoms(moved), atoms(true), m) > losses.backbone_atom_loss(atoms(pred), atoms(true), m)).all()
+
+
+def test_auxiliary_terms_apply_only_at_small_t_and_weights_are_as_documented(window):
+    frames, mask, chains = window
+    g = torch.Generator().manual_seed(5)
+    pred = Rigid(frames.rots, frames.trans + 0.03 * torch.randn(frames.trans.shape, generator=g, dtype=torch.float64))
+    diffuser = SE3Diffuser()
+    # no frame at t <= 0.25: the auxiliary terms are absent
+    big_t = torch.tensor([[0.3, 0.5, 0.9], [0.26, 0.7, 1.0]], dtype=torch.float64)
+    out = losses.starmd_loss(diffuser, pred, _targets(frames, mask, big_t), mask, chains)
+    assert math.isnan(float(out["bb_atom"])) and math.isnan(float(out["dist_mat"]))
+    assert float(out["loss"]) == pytest.approx(float(out["trans"]) + 0.5 * float(out["rot"]), rel=1e-12)
+    # every frame at small t: loss = trans + 0.5 rot + 0.25 (bb_atom + dist_mat), frame means
+    small_t = torch.tensor([[0.02, 0.1, 0.25], [0.05, 0.15, 0.2]], dtype=torch.float64)
+    out = losses.starmd_loss(diffuser, pred, _targets(frames, mask, small_t), mask, chains)
+    expected = out["trans"] + 0.5 * out["rot"] + 0.25 * (out["bb_atom"] + out["dist_mat"])
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-12)
+    # FAPE, when switched on, has its own weight (FrameDiff's), not scaled by the 0.25
+    out = losses.starmd_loss(diffuser, pred, _targets(frames, mask, small_t), mask, chains, losses.LossConfig(fape_weight=0.5))
+    assert float(out["loss"]) == pytest.approx(float(expected + 0.5 * out["fape"]), rel=1e-12)
+    # mixed: one aux frame of six
+    mixed = torch.tensor([[0.02, 0.5, 0.6], [0.7, 0.8, 0.9]], dtype=torch.float64)
+    only = losses.starmd_loss(diffuser, pred, _targets(frames, mask, mixed), mask, chains)
+    plain = losses.starmd_loss(diffuser, pred, _targets(frames, mask, mixed), mask, chains, losses.LossConfig(aux_weight=0.0))
+    extra = 0.25 * (only["bb_atom"] + only["dist_mat"]) / 6
+    assert float(only["loss"] - plain["loss"]) == pytest.approx(float(extra), rel=1e-9)
+
+
+def test_translation_score_loss_above_the_threshold(window):
+    frames, mask, chains = window
+    diffuser = SE3Diffuser()
+    t = torch.tensor([[0.3, 0.6, 0.9], [0.4, 0.5, 0.8]], dtype=torch.float64)
+    targets = _targets(frames, mask, t)
+    g = torch.Generator().manual_seed(9)
+    pred = Rigid(frames.rots, frames.trans + 0.02 * torch.randn(frames.trans.shape, generator=g, dtype=torch.float64))
+    out = losses.starmd_loss(diffuser, pred, targets, mask, chains, losses.LossConfig(trans_x0_threshold=0.0))
+    # VP-SDE: the score error is a(t) (x0_pred - x0) / v(t) and the scaling 1/sqrt(v(t)), so the
+    # scaled squared error is a(t)^2 / v(t) times the x0 error
+    _, s_pred = diffuser.scores_from_x0(targets.noisy_shifted, Rigid(pred.rots, pred.trans - targets.origins[..., None, :]),
+                                        t[..., None])
+    scale = diffuser.trans_score_scaling(t[..., None])[..., None]
+    per_res = (((s_pred - targets.trans_score) / scale) ** 2).sum(-1)
+    m = mask[:, None].expand(2, 3, -1).double()
+    manual = ((per_res * m).sum(-1) / m.sum(-1)).mean()
+    assert float(out["trans"]) == pytest.approx(float(manual), rel=1e-9)
+    x0 = losses.starmd_loss(diffuser, pred, targets, mask, chains)
+    assert float(out["trans"]) != pytest.approx(float(x0["trans"]))
+
+
+def test_masked_residues_do_not_count(window):
+    frames, mask, chains = window
+    t = torch.full((2, 3), 0.1, dtype=torch.float64)
+    targets = _targets(frames, mask, t)
+    trans = frames.trans.clone()
+    trans[1, :, 7] += 5.0  # a wild prediction at the missing residue only
+    out = losses.starmd_loss(SE3Diffuser(), Rigid(frames.rots, trans), targets, mask, chains, losses.LossConfig(fape_weight=0.5))
+    for key in ("trans", "bb_atom", "dist_mat"):
+        assert float(out[key]) < 1e-6, key
+    assert float(out["fape"]) == pytest.approx(1e-3)  # the epsilon floor only
+
+
+def test_bad_weights_are_refused():
+    with pytest.raises(ValueError, match="rot_weight"):
+        losses.LossConfig(rot_weight=-1.0)
