@@ -1,0 +1,157 @@
+"""The STAR-MD network configuration: one dataclass, JSON-able, with named sizes.
+
+Which part of STAR-MD: the network hyper-parameters (width, heads, depth, invariant-point counts,
+Fourier sizes, the training window L) and the ablation switches of the paper's study (joint vs.
+separable space/time attention, a fixed Δt, contextual noise on/off).
+
+Layer layout. The network is ``blocks`` repetitions of ``frame_layers`` per-frame (spatial) layers
+followed by ``joint_layers`` joint spatio-temporal layers. The paper's model is 4 blocks of
+(one per-frame layer + two joint layers) at width 256; our compact default is 8 joint layers at
+width 128 (see :data:`NAMED_CONFIGS` for the measured speed). With ``attention="separable"`` every
+joint layer is replaced by a spatial layer (residues of one frame) followed by a temporal layer
+(one residue across frames), both under the same causal, window and residue masks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["ModelConfig", "NAMED_CONFIGS", "model_config"]
+
+_ATTENTION_MODES = ("joint", "separable")
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of :class:`openmm_starmd.model.network.StarMDNetwork`.
+
+    Parameters
+    ----------
+    width : int
+        Token feature size C.
+    heads : int
+        Attention heads H; the scalar head size is ``width // heads`` and must be divisible by 4
+        (half of it is rotated by the residue index, half by the frame index, in pairs).
+    blocks, frame_layers, joint_layers : int
+        Layer layout, see the module docstring.
+    query_points, value_points : int
+        Invariant query/key points and value points per head (IPA-style).
+    mlp_ratio : float
+        Hidden size of each transition MLP as a multiple of ``width``.
+    time_fourier : int
+        Number of frequencies of the Fourier features of the noise level (t for noisy tokens,
+        the context-noise level τ for clean tokens), both in [0, 1].
+    dt_fourier : int
+        Number of frequencies of the Fourier features of log(Δt / 1 ns).
+    window : int
+        Training window L (frames per training sequence). The sampler's default sliding window
+        is :attr:`context_frames` = L - 1, the history the last frame of a training window sees.
+    attention : {"joint", "separable"}
+        Joint spatio-temporal attention, or the space-then-time ablation.
+    fixed_dt_ns : float or None
+        If set, the model ignores the Δt it is given and always conditions on this value (ns).
+    contextual_noise : bool
+        Whether training and sampling perturb the clean history with the context noise τ.
+    max_chains : int
+        Size of the chain-index embedding table; chain indices are taken modulo this size.
+    chain_offset : int
+        Added to the residue index once per chain index before the residue RoPE, so residues of
+        different chains are far apart in rotary position (larger than any residue-number span).
+    rope_base_residue, rope_base_frame : float
+        RoPE wavelength bases for the residue and frame axes.
+    """
+
+    width: int = 128
+    heads: int = 8
+    blocks: int = 8
+    frame_layers: int = 0
+    joint_layers: int = 1
+    query_points: int = 4
+    value_points: int = 4
+    mlp_ratio: float = 2.0
+    time_fourier: int = 16
+    dt_fourier: int = 8
+    window: int = 8
+    attention: str = "joint"
+    fixed_dt_ns: float | None = None
+    contextual_noise: bool = True
+    max_chains: int = 16
+    chain_offset: int = 10_000
+    rope_base_residue: float = 10_000.0
+    rope_base_frame: float = 1_000.0
+
+    def __post_init__(self):
+        if self.attention not in _ATTENTION_MODES:
+            raise ValueError(
+                f"ModelConfig.attention={self.attention!r} is not a known mode; use one of {_ATTENTION_MODES}."
+            )
+        if self.width % self.heads:
+            raise ValueError(
+                f"ModelConfig.width={self.width} is not divisible by heads={self.heads}; choose width = heads * head size."
+            )
+        if (self.width // self.heads) % 4:
+            raise ValueError(
+                f"ModelConfig head size width/heads={self.width // self.heads} is not divisible by 4, which the 2D RoPE "
+                "needs (two axes, pairs); choose width and heads so that width/heads is a multiple of 4."
+            )
+        if self.window < 1:
+            raise ValueError(f"ModelConfig.window={self.window} must be at least 1 frame; use the training window L.")
+        if self.fixed_dt_ns is not None and not self.fixed_dt_ns > 0:
+            raise ValueError(f"ModelConfig.fixed_dt_ns={self.fixed_dt_ns} must be a positive time in ns, or None.")
+        if min(self.blocks, self.query_points, self.value_points) < 1 or self.frame_layers + self.joint_layers < 1:
+            raise ValueError(
+                "ModelConfig needs at least one block, one layer per block and one query and value point per head; "
+                f"got blocks={self.blocks}, frame_layers={self.frame_layers}, joint_layers={self.joint_layers}, "
+                f"query_points={self.query_points}, value_points={self.value_points}."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Scalar query/key/value size per head."""
+        return self.width // self.heads
+
+    @property
+    def context_frames(self) -> int:
+        """Clean history frames the last noisy frame of a training window attends to: L - 1 (>= 1).
+
+        The default sliding window at inference, so a rollout never conditions on more history
+        (or larger relative frame offsets in the RoPE) than training showed the model.
+        """
+        return max(1, self.window - 1)
+
+    def layer_kinds(self) -> list[str]:
+        """Attention kind of every layer, in order: "frame", "time" or "joint"."""
+        joint = ["joint"] if self.attention == "joint" else ["frame", "time"]
+        block = ["frame"] * self.frame_layers + joint * self.joint_layers
+        return block * self.blocks
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error so typos do not pass silently."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ModelConfig.from_dict got unknown keys {unknown}; valid keys are {sorted(names)}.")
+        return cls(**d)
+
+
+#: Named sizes. "paper" follows STAR-MD (hidden 256, 8 heads, 4 blocks of one per-frame layer and
+#: two joint layers). "default" is the compact model that generates a frame at N=60 residues in
+#: <= 0.5 s on 2 CPU cores with the default number of reverse steps (benchmarks/sampler_speed.py).
+NAMED_CONFIGS: dict[str, dict] = {
+    "paper": dict(width=256, heads=8, blocks=4, frame_layers=1, joint_layers=2, query_points=8, value_points=8,
+                  mlp_ratio=4.0),
+    "default": dict(width=128, heads=8, blocks=8, frame_layers=0, joint_layers=1, query_points=4, value_points=4,
+                    mlp_ratio=2.0),
+}
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """A named :class:`ModelConfig` ("paper" or "default"), with optional field overrides."""
+    if name not in NAMED_CONFIGS:
+        raise ValueError(f"unknown model config name {name!r}; use one of {sorted(NAMED_CONFIGS)}.")
+    return ModelConfig(**{**NAMED_CONFIGS[name], **overrides})
