@@ -414,10 +414,13 @@ class IGSO3Table:
         return tabs, sigma, self._sigma_coords(sigma, check)
 
     def _omega_lerp(self, table: torch.Tensor, row: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-        x = (omega / self._d_omega).clamp(0.0, float(self.n_omega))
+        # NaN angles (e.g. from a diverged network) must come out as NaN, not as a garbage index
+        bad = torch.isnan(omega)
+        x = (torch.where(bad, torch.zeros_like(omega), omega) / self._d_omega).clamp(0.0, float(self.n_omega))
         j = x.floor().long().clamp(max=self.n_omega - 1)
         a = x - j
-        return (1 - a) * table[row, j] + a * table[row, j + 1]
+        out = (1 - a) * table[row, j] + a * table[row, j + 1]
+        return torch.where(bad, torch.full_like(out, float("nan")), out)
 
     # -- lookups --------------------------------------------------------------------------
     def cdf_at(self, omega: torch.Tensor, sigma, check: bool = True) -> torch.Tensor:

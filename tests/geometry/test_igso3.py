@@ -248,3 +248,11 @@ def test_cuda_matches_cpu(table):
     v = table.sample_rotvec(sigma.cuda(), generator=torch.Generator("cuda").manual_seed(7))
     assert v.is_cuda and v.shape == (128, 3)
     torch.testing.assert_close(table.score(v, sigma.cuda()).cpu(), table.score(v.cpu(), sigma))
+
+
+def test_nan_rotation_gives_nan_score_not_an_index_error():
+    """A diverged network hands NaN rotations to the score lookup; NaN must propagate."""
+    table = igso3_table(0.1, 1.5)
+    rotvec = torch.tensor([[float("nan"), 0.0, 0.0], [0.1, 0.2, 0.0]], dtype=torch.float64)
+    score = table.score(rotvec, torch.tensor([0.5, 0.5], dtype=torch.float64), check=False)
+    assert torch.isnan(score[0]).any() and torch.isfinite(score[1]).all()
