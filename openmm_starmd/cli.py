@@ -1,0 +1,252 @@
+"""The ``starmd`` command: generate (``run``, ``run-many``) and evaluate (``evaluate``, ``evaluate-many``).
+
+``starmd run input.pdb --time 1us --dt 1ns --report-every 10ns -o out/`` prepares the protein with
+PDBFixer, drives :class:`~openmm_starmd.integrator.StarMDIntegrator` inside a plain OpenMM
+``Simulation`` and writes, into ``out/``:
+
+* ``prepared.pdb``: the structure the trajectory starts from (what PDBFixer made of the input);
+* ``traj.dcd``: all-atom frames every ``--report-every`` (backmapped, see backmap.py);
+* ``traj_ca.dcd`` with ``ca.pdb``: the Cα trace of *every* generated frame (frame origins, no
+  backmapping needed, so this costs nothing);
+* ``log.csv``: OpenMM's StateDataReporter (step, time in ps, potential energy, speed);
+* ``run.json``: every setting, the model and the seed.
+
+Outputs are written under temporary names and renamed at the end, so a failed run leaves no file
+that looks complete. ``run-many`` walks a CSV of inputs; under ``torchrun`` each rank takes every
+WORLD_SIZE-th row on its own device and skips rows whose ``run.json`` exists, so it resumes per protein.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "parse_time_ns"]
+
+_UNITS_NS = {"fs": 1e-6, "ps": 1e-3, "ns": 1.0, "us": 1e3, "µs": 1e3, "ms": 1e6}
+
+
+def parse_time_ns(text: str, name: str) -> float:
+    """'1us', '10 ns', '500ps' -> ns. A bare number is refused: the unit must be explicit."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zµ]+)\s*", str(text))
+    if not m or m.group(2) not in _UNITS_NS:
+        raise argparse.ArgumentTypeError(
+            f"{name}={text!r} is not a time with a unit; write e.g. 1us, 10ns or 500ps."
+        )
+    return float(m.group(1)) * _UNITS_NS[m.group(2)]
+
+
+def _frames_of(total_ns: float, dt_ns: float, name: str) -> int:
+    n = total_ns / dt_ns
+    if n < 1 or abs(n - round(n)) > 1e-6 * max(1.0, n):
+        raise ValueError(f"{name} ({total_ns:g} ns) is not a whole number (>= 1) of --dt ({dt_ns:g} ns); "
+                         "choose times that are multiples of dt.")
+    return int(round(n))
+
+
+def _ca_topology(topology):
+    """A Cα-only copy of an OpenMM Topology (same chains, residues, names)."""
+    from openmm import app
+
+    top = app.Topology()
+    for chain in topology.chains():
+        c = top.addChain(chain.id)
+        for res in chain.residues():
+            ca = [a for a in res.atoms() if a.name == "CA"]
+            if ca:
+                r = top.addResidue(res.name, c, res.id)
+                top.addAtom("CA", app.element.carbon, r)
+    return top
+
+
+def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *, model=None, device="auto",
+            seed=None, steps=None, backmap="vacuum", forcefield=("amber14-all.xml", "implicit/gbn2.xml"),
+            progress=True) -> dict:
+    """Generate one trajectory; returns the run record (also written to out_dir/run.json)."""
+    import numpy as np
+    from openmm import app, unit
+    from tqdm.auto import tqdm
+
+    from .integrator import StarMDIntegrator
+    from .prepare import prepare_protein
+
+    n_frames = _frames_of(time_ns, dt_ns, "--time")
+    every = _frames_of(report_ns, dt_ns, "--report-every")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+    prepared = prepare_protein(pdb_path)
+    prepared.write_pdb(tmp / "prepared.pdb")
+    system = app.ForceField(*forcefield).createSystem(prepared.topology)
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+    integrator = StarMDIntegrator(dt=dt_ns * unit.nanoseconds, model=model, device=device, seed=seed,
+                                  diffusion_steps=steps, backmap=backmap)
+    sim = app.Simulation(prepared.topology, system, integrator)
+    sim.context.setPositions(prepared.positions)
+
+    ca_top = _ca_topology(prepared.topology)
+    with open(tmp / "ca.pdb", "w") as fh:
+        ca_idx = [a.index for a in prepared.topology.atoms() if a.name == "CA"]
+        app.PDBFile.writeFile(ca_top, np.asarray(prepared.positions.value_in_unit(unit.nanometer))[ca_idx] * unit.nanometer, fh)
+    ca_handle = open(tmp / "traj_ca.dcd", "wb")
+    ca_dcd = app.DCDFile(ca_handle, ca_top, dt_ns * unit.nanoseconds, firstStep=0, interval=1)
+    log_handle = open(tmp / "log.csv", "w")
+    sim.reporters += [
+        app.DCDReporter(str(tmp / "traj.dcd"), every),
+        app.StateDataReporter(log_handle, every, step=True, time=True, potentialEnergy=True, speed=True),
+    ]
+    start = time.perf_counter()
+    bar = tqdm(total=n_frames, unit="frame", disable=not progress, desc=Path(pdb_path).stem)
+    try:
+        done = 0
+        while done < n_frames:
+            k = min(every, n_frames - done)
+            sim.step(k)  # one chunk = one report interval; the integrator backmaps only at its end
+            for frame_trans in integrator.recent_ca_nm(k):
+                ca_dcd.writeModel(frame_trans * unit.nanometer)
+            done += k
+            wall = time.perf_counter() - start
+            bar.set_postfix(ns=f"{done * dt_ns:g}", ns_per_day=f"{done * dt_ns / wall * 86400:.3g}", refresh=False)
+            bar.update(k)
+    finally:
+        bar.close()
+        ca_handle.close()
+        log_handle.close()
+        for r in sim.reporters:
+            if hasattr(r, "_out"):
+                r._out.close()
+    wall = time.perf_counter() - start
+    record = {
+        "input": str(pdb_path), "time_ns": time_ns, "dt_ns": dt_ns, "report_every_ns": report_ns,
+        "frames": n_frames, "all_atom_frames": n_frames // every, "seed": seed, "device": integrator.device,
+        "model": str(model) if model else "bundled default", "backmap": backmap,
+        "sampling": integrator.sampling_config.to_dict(), "forcefield": list(forcefield),
+        "wall_s": wall, "ns_per_day": time_ns / wall * 86400,
+        "removed_by_preparation": getattr(prepared, "removed", {}),
+    }
+    (tmp / "run.json").write_text(json.dumps(record, indent=1, default=str))
+    for f in tmp.iterdir():  # run.json last: its presence marks a finished run
+        if f.name != "run.json":
+            os.replace(f, out / f.name)
+    os.replace(tmp / "run.json", out / "run.json")
+    tmp.rmdir()
+    return record
+
+
+def _cmd_run(args) -> int:
+    time_ns = parse_time_ns(args.time, "--time")
+    dt_ns = parse_time_ns(args.dt, "--dt")
+    report_ns = parse_time_ns(args.report_every, "--report-every")
+    for k in range(args.replicas):
+        out = Path(args.out) if args.replicas == 1 else Path(args.out) / f"replica_{k}"
+        seed = None if args.seed is None else args.seed + k
+        rec = run_one(args.input, out, time_ns, dt_ns, report_ns, model=args.model, device=args.device,
+                      seed=seed, steps=args.steps, backmap=args.backmap, progress=not args.quiet)
+        print(f"{out}: {rec['frames']} frames ({time_ns:g} ns) in {rec['wall_s']:.1f} s, "
+              f"{rec['ns_per_day']:.3g} ns/day on {rec['device']}")
+    return 0
+
+
+def _cmd_run_many(args) -> int:
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = args.device
+    if device == "auto" and world > 1:
+        import torch
+
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    with open(args.manifest) as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "input" not in rows[0]:
+        raise ValueError(f"{args.manifest} needs a header with at least an 'input' column "
+                         "(optional: name, time, dt, report_every, seed).")
+    for i, row in enumerate(rows):
+        if i % world != rank:
+            continue
+        name = row.get("name") or Path(row["input"]).stem
+        out = Path(args.out) / name
+        if (out / "run.json").exists():
+            print(f"[rank {rank}] {name}: done already, skipped")
+            continue
+        seed = int(row["seed"]) if row.get("seed") else (None if args.seed is None else args.seed + i)
+        rec = run_one(row["input"], out, parse_time_ns(row.get("time") or args.time, "time"),
+                      parse_time_ns(row.get("dt") or args.dt, "dt"),
+                      parse_time_ns(row.get("report_every") or args.report_every, "report_every"),
+                      model=args.model, device=device, seed=seed, steps=args.steps, backmap=args.backmap,
+                      progress=not args.quiet and rank == 0)
+        print(f"[rank {rank}] {name}: {rec['frames']} frames, {rec['ns_per_day']:.3g} ns/day")
+    return 0
+
+
+def _add_generation_options(p, *, time_default="1us") -> None:
+    p.add_argument("--time", default=time_default, help=f"simulated time with a unit (default {time_default})")
+    p.add_argument("--dt", default="1ns", help="time per generated frame, 0.01-10 ns (default 1ns)")
+    p.add_argument("--report-every", default="10ns", help="all-atom output interval (default 10ns)")
+    p.add_argument("--model", default=None, help="model file from training/train.py --export (default: bundled)")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    p.add_argument("--steps", type=int, default=None, help="reverse diffusion steps per frame (default: the model's)")
+    p.add_argument("--backmap", default="vacuum", choices=["vacuum", "system", "none"],
+                   help="all-atom reconstruction: restrained minimisation without implicit solvent (fast, "
+                        "default), under the full System, or rigid transport only")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli_evaluate import add_evaluate_parser
+
+    parser = argparse.ArgumentParser(
+        prog="starmd",
+        description="STAR-MD generative protein dynamics for OpenMM: generate microseconds of all-atom "
+                    "trajectories from one structure, and evaluate them against reference MD.",
+        epilog="examples:\n  starmd run protein.pdb --time 1us --dt 1ns --report-every 10ns -o out/\n"
+               "  starmd evaluate --reference md.dcd --top ref.pdb --generated out/traj.dcd --dt-ns 10 --out report/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="generate a trajectory from one structure",
+                       description="Prepare a structure (PDBFixer) and generate a trajectory with STAR-MD; "
+                                   "writes prepared.pdb, traj.dcd (all-atom), traj_ca.dcd + ca.pdb (every "
+                                   "frame), log.csv and run.json.")
+    p.add_argument("input", help="PDB or mmCIF file of the protein")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--replicas", type=int, default=1, help="independent trajectories (seed, seed+1, ...)")
+    _add_generation_options(p)
+    p.set_defaults(func=_cmd_run)
+    q = sub.add_parser("run-many", help="generate for a CSV list of proteins (torchrun splits it over ranks)",
+                       description="Generate for every row of a CSV (columns: input, and optionally name, time, "
+                                   "dt, report_every, seed). Under torchrun each rank takes its share on its own "
+                                   "device; finished proteins (run.json present) are skipped, so reruns resume.")
+    q.add_argument("manifest", help="CSV file of inputs")
+    q.add_argument("-o", "--out", required=True, help="output root; one folder per protein")
+    _add_generation_options(q)
+    q.set_defaults(func=_cmd_run_many)
+    add_evaluate_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"starmd: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

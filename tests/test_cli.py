@@ -1,0 +1,80 @@
+"""`starmd run` end to end on a real protein with a small random model, and its input checks."""
+import json
+from pathlib import Path
+
+import mdtraj as md
+import numpy as np
+import pytest
+import torch
+
+from openmm_starmd.checkpoints import save_model
+from openmm_starmd.cli import build_parser, main, parse_time_ns
+from openmm_starmd.diffusion.config import DiffusionConfig
+from openmm_starmd.model.config import model_config
+from openmm_starmd.model.network import StarMDNetwork
+from openmm_starmd.sampling import SamplingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+WW_DOMAIN = ROOT / "training" / "structures" / "2M9I.pdb"
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = model_config("default", width=32, heads=2, blocks=1, joint_layers=1, frame_layers=0)
+    path = tmp_path_factory.mktemp("model") / "small.pt"
+    save_model(path, StarMDNetwork(cfg), DiffusionConfig(), SamplingConfig(steps=3))
+    return path
+
+
+def test_parse_time_ns():
+    assert parse_time_ns("1us", "t") == 1000.0
+    assert parse_time_ns("10 ns", "t") == 10.0
+    assert parse_time_ns("500ps", "t") == pytest.approx(0.5)
+    with pytest.raises(Exception, match="unit"):
+        parse_time_ns("10", "--time")
+
+
+def test_run_writes_every_output(small_model, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    rc = main(["run", str(WW_DOMAIN), "--time", "6ns", "--dt", "1ns", "--report-every", "3ns", "-o", str(out),
+               "--model", str(small_model), "--seed", "3", "-q"])
+    assert rc == 0
+    assert not (out / ".partial").exists()
+    record = json.loads((out / "run.json").read_text())
+    assert record["frames"] == 6 and record["all_atom_frames"] == 2 and record["seed"] == 3
+    allatom = md.load(str(out / "traj.dcd"), top=str(out / "prepared.pdb"))
+    assert allatom.n_frames == 2 and np.isfinite(allatom.xyz).all()
+    ca = md.load(str(out / "traj_ca.dcd"), top=str(out / "ca.pdb"))
+    assert ca.n_frames == 6 and ca.n_atoms == 34
+    assert np.isfinite(ca.xyz).all()
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + 2 reports
+    time_ps = [float(r.split(",")[1]) for r in rows[1:]]
+    assert time_ps == pytest.approx([3000.0, 6000.0])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--time", "10"], "unit"),
+        (["--time", "5ns", "--dt", "2ns"], "whole number"),
+        (["--dt", "50ns", "--time", "50ns", "--report-every", "50ns"], "range"),
+    ],
+)
+def test_run_bad_input_is_a_clear_error(small_model, tmp_path, capsys, argv, message):
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit) as exc:
+        rc = main(["run", str(WW_DOMAIN), "-o", str(out), "--model", str(small_model), "-q", *argv])
+        raise SystemExit(rc)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (out / "run.json").exists()
+
+
+def test_help_lists_the_commands():
+    text = build_parser().format_help()
+    for cmd in ("run", "run-many", "evaluate", "evaluate-many"):
+        assert cmd in text
