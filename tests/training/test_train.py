@@ -269,3 +269,18 @@ def test_exported_ema_model_loads_and_samples_a_frame(manifest, tmp_path):
     sampler.add_history(frames_from_backbone(bb[:, 0], bb[:, 1], bb[:, 2]))
     frames = sampler.generate(1)
     assert frames.trans.shape[-2:] == (48, 3) and torch.isfinite(frames.trans).all()
+
+
+def test_export_script_writes_the_checkpoints_ema_weights(manifest, tmp_path):
+    """training/export.py turns a stopped run's checkpoint into the same model file --export would write."""
+    from openmm_starmd.checkpoints import load_model
+
+    export = load_training_module("export")
+    direct = tmp_path / "direct.pt"
+    trainer = train.train(tiny_config(manifest, tmp_path / "run", steps=2, export=str(direct)), log=_quiet)
+    later = export.export(trainer.out / "checkpoint.pt", tmp_path / "later.pt", note="test")
+    a, b = load_model(direct), load_model(later)
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(x, y)
+    assert b.metadata["steps"] == 2 and b.metadata["note"] == "test"
+    assert a.sampling_config.to_dict() == b.sampling_config.to_dict()

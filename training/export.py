@@ -1,0 +1,51 @@
+"""Export the EMA weights of a training checkpoint as a model file, without training further.
+
+    python training/export.py training/runs/default/checkpoint.pt model.pt
+
+Useful when a run was stopped early (SIGTERM / --stop-after) and its end-of-training ``--export``
+never happened. The model file is what ``openmm_starmd.checkpoints.load_model`` and
+``StarMDIntegrator(model=...)`` read; its metadata records the step it came from.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train import load_training_checkpoint  # noqa: E402
+
+from openmm_starmd.checkpoints import save_model  # noqa: E402
+from openmm_starmd.model.network import StarMDNetwork  # noqa: E402
+from openmm_starmd.sampling import SamplingConfig  # noqa: E402
+
+
+def export(checkpoint, out, note: str | None = None) -> Path:
+    payload = load_training_checkpoint(checkpoint)
+    cfg = payload["config"]
+    net = StarMDNetwork(cfg.model_config())
+    net.load_state_dict(payload["ema"]["weights"])
+    d = cfg.diffusion_config()
+    metadata = {
+        "weights": "ema", "ema_decay": cfg.ema_decay, "steps": int(payload["step"]), "total_steps": cfg.steps,
+        "train_config": cfg.to_dict(), "exported_from": str(checkpoint),
+    }
+    if note:
+        metadata["note"] = note
+    return save_model(out, net.eval(), d, SamplingConfig(t_min=d.t_min, context_tau_max=d.context_tau_max), metadata)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="training checkpoint.pt")
+    p.add_argument("out", help="model file to write")
+    p.add_argument("--note", default=None, help="free text stored in the model's metadata")
+    a = p.parse_args(argv)
+    path = export(a.checkpoint, a.out, a.note)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
