@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -56,6 +55,7 @@ import openmm as mm
 import openmm.app as app
 import openmm.unit as u
 
+from openmm_starmd.data import sha256_file
 from openmm_starmd.prepare import prepare_protein
 
 FORCEFIELDS = {
@@ -126,15 +126,6 @@ def truncate_dcd(path: str, n_frames: int, first_step: int, interval: int) -> No
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = path + ".tmp"
