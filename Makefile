@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # dt = 0.1 ns: the interim bundled model has only seen Δt up to 0.14 ns (see openmm_starmd/data/MODEL_CARD.md)
+# OMP_NUM_THREADS=1: with another process on a 2-core box, 2 torch threads ran ~30x slower (threads spin)
 demo: $(STAMP)
-	$(BIN)/python examples/run_protein.py --steps 200 --dt-ns 0.1 --report-every 10 --out demo_out
+	OMP_NUM_THREADS=1 $(BIN)/python examples/run_protein.py --steps 200 --dt-ns 0.1 --report-every 10 --out demo_out
 
 # one BLAS thread per process: on 2 shared cores OpenBLAS threads oversubscribe badly
 test: $(STAMP)
