@@ -14,20 +14,23 @@ import numpy as np  # noqa: E402
 
 
 def analyze(traj_path, top_path, out_dir, dt_ns: float) -> Path:
-    """Cα RMSD to the first frame and Cα RMSF after superposition; writes rmsd_rmsf.png.
+    """Cα RMSD to the starting structure and Cα RMSF after superposition; writes rmsd_rmsf.png.
 
-    dt_ns : time between the trajectory's frames, ns (DCD files do not carry it reliably).
+    top_path is the starting structure (e.g. prepared.pdb); as with OpenMM's DCDReporter, the
+    trajectory's first frame is taken to be one interval ``dt_ns`` (ns) after it.
     """
+    start = md.load(str(top_path))
     traj = md.load(str(traj_path), top=str(top_path))
     ca = traj.topology.select("name CA")
-    traj.superpose(traj, 0, atom_indices=ca)
-    rmsd_nm = md.rmsd(traj, traj, 0, atom_indices=ca)
-    rmsf_nm = md.rmsf(traj, traj, 0, atom_indices=ca)
-    time_ns = np.arange(traj.n_frames) * dt_ns
+    traj.superpose(start, 0, atom_indices=ca)
+    rmsd_nm = md.rmsd(traj, start, 0, atom_indices=ca)
+    xyz = traj.xyz[:, ca]  # already superposed on the start by Cα
+    rmsf_nm = np.sqrt(((xyz - xyz.mean(0)) ** 2).sum(-1).mean(0))
+    time_ns = (np.arange(traj.n_frames) + 1) * dt_ns
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(time_ns, rmsd_nm * 10, marker="o", ms=3)
-    a.set(xlabel="time (ns)", ylabel="Cα RMSD to frame 0 (Å)", title="RMSD")
+    a.set(xlabel="time (ns)", ylabel="Cα RMSD to the start (Å)", title="RMSD", xlim=(0, None), ylim=(0, None))
     b.plot(np.arange(1, len(ca) + 1), rmsf_nm * 10)
     b.set(xlabel="residue", ylabel="Cα RMSF (Å)", title="RMSF")
     fig.tight_layout()
