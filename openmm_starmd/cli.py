@@ -143,17 +143,109 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
     return record
 
 
+def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, n_replicas: int, *,
+                 model=None, device="auto", seed=None, steps=None, backmap="vacuum",
+                 forcefield=("amber14-all.xml", "implicit/gbn2.xml"), progress=True) -> dict:
+    """K trajectories batched through the model (replicas.py): out_dir/prepared.pdb, ca.pdb, run.json
+    and replica_k/{traj.dcd, traj_ca.dcd} for k < K. Returns the run record."""
+    import dataclasses
+
+    import numpy as np
+    from openmm import app, unit
+    from tqdm.auto import tqdm
+
+    from .checkpoints import load_model
+    from .integrator import DT_RANGE_NS, _resolve_device
+    from .prepare import prepare_protein
+    from .replicas import ReplicaGenerator
+
+    if not DT_RANGE_NS[0] <= dt_ns <= DT_RANGE_NS[1]:
+        raise ValueError(f"dt={dt_ns:g} ns is outside the {DT_RANGE_NS[0]:g}-{DT_RANGE_NS[1]:g} ns range STAR-MD "
+                         "is trained on; choose a dt in that range.")
+    n_frames = _frames_of(time_ns, dt_ns, "--time")
+    every = _frames_of(report_ns, dt_ns, "--report-every")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    prepared = prepare_protein(pdb_path)
+    prepared.write_pdb(tmp / "prepared.pdb")
+    system = app.ForceField(*forcefield).createSystem(prepared.topology)
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+    device = _resolve_device(device)
+    loaded = load_model(model, device=device)
+    sampling = loaded.sampling_config if steps is None else dataclasses.replace(loaded.sampling_config, steps=steps)
+    gen = ReplicaGenerator(prepared.topology, prepared.positions, system, loaded, dt_ns, n_replicas, seed,
+                           device=device, sampling=sampling, backmap=backmap)
+    ca_top = _ca_topology(prepared.topology)
+    ca_idx = [a.index for a in prepared.topology.atoms() if a.name == "CA"]
+    with open(tmp / "ca.pdb", "w") as fh:
+        start_nm = np.asarray(prepared.positions.value_in_unit(unit.nanometer))
+        app.PDBFile.writeFile(ca_top, start_nm[ca_idx] * unit.nanometer, fh)
+    handles, all_atom, ca_dcds = [], [], []
+    for k in range(n_replicas):
+        (tmp / f"replica_{k}").mkdir()
+        fa = open(tmp / f"replica_{k}" / "traj.dcd", "wb")
+        fc = open(tmp / f"replica_{k}" / "traj_ca.dcd", "wb")
+        handles += [fa, fc]
+        all_atom.append(app.DCDFile(fa, prepared.topology, dt_ns * unit.nanoseconds, firstStep=every, interval=every))
+        ca_dcds.append(app.DCDFile(fc, ca_top, dt_ns * unit.nanoseconds, firstStep=1, interval=1))
+    start = time.perf_counter()
+    bar = tqdm(total=n_frames, unit="frame", disable=not progress, desc=f"{Path(pdb_path).stem} x{n_replicas}")
+    done = 0
+    try:
+        for ca, positions in gen.run(n_frames, every):
+            for k in range(n_replicas):
+                for frame in ca[k]:
+                    ca_dcds[k].writeModel(frame * unit.nanometer)
+                all_atom[k].writeModel(positions[k] * unit.nanometer)
+            done += ca.shape[1]
+            wall = time.perf_counter() - start
+            bar.set_postfix(ns=f"{done * dt_ns:g}", ns_per_day=f"{n_replicas * done * dt_ns / wall * 86400:.3g}",
+                            refresh=False)
+            bar.update(ca.shape[1])
+    finally:
+        bar.close()
+        for h in handles:
+            h.close()
+    wall = time.perf_counter() - start
+    record = {
+        "input": str(pdb_path), "time_ns": time_ns, "dt_ns": dt_ns, "report_every_ns": report_ns,
+        "frames": n_frames, "all_atom_frames": n_frames // every, "replicas": n_replicas, "seed": seed,
+        "device": device, "model": str(model) if model else "bundled default", "backmap": backmap,
+        "sampling": sampling.to_dict(), "forcefield": list(forcefield), "wall_s": wall,
+        "ns_per_day": n_replicas * time_ns / wall * 86400,
+        "removed_by_preparation": getattr(prepared, "removed", {}),
+    }
+    (tmp / "run.json").write_text(json.dumps(record, indent=1, default=str))
+    for f in tmp.iterdir():
+        if f.name != "run.json":
+            dest = out / f.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(f, dest)
+    os.replace(tmp / "run.json", out / "run.json")
+    tmp.rmdir()
+    return record
+
+
 def _cmd_run(args) -> int:
     time_ns = parse_time_ns(args.time, "--time")
     dt_ns = parse_time_ns(args.dt, "--dt")
     report_ns = parse_time_ns(args.report_every, "--report-every")
-    for k in range(args.replicas):
-        out = Path(args.out) if args.replicas == 1 else Path(args.out) / f"replica_{k}"
-        seed = None if args.seed is None else args.seed + k
-        rec = run_one(args.input, out, time_ns, dt_ns, report_ns, model=args.model, device=args.device,
-                      seed=seed, steps=args.steps, backmap=args.backmap, progress=not args.quiet)
-        print(f"{out}: {rec['frames']} frames ({time_ns:g} ns) in {rec['wall_s']:.1f} s, "
-              f"{rec['ns_per_day']:.3g} ns/day on {rec['device']}")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas {args.replicas} must be at least 1.")
+    if args.replicas == 1:
+        rec = run_one(args.input, args.out, time_ns, dt_ns, report_ns, model=args.model, device=args.device,
+                      seed=args.seed, steps=args.steps, backmap=args.backmap, progress=not args.quiet)
+    else:
+        rec = run_replicas(args.input, args.out, time_ns, dt_ns, report_ns, args.replicas, model=args.model,
+                           device=args.device, seed=args.seed, steps=args.steps, backmap=args.backmap,
+                           progress=not args.quiet)
+    print(f"{args.out}: {args.replicas} x {rec['frames']} frames ({time_ns:g} ns each) in {rec['wall_s']:.1f} s, "
+          f"{rec['ns_per_day']:.3g} ns/day in all on {rec['device']}")
     return 0
 
 
@@ -221,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "frame), log.csv and run.json.")
     p.add_argument("input", help="PDB or mmCIF file of the protein")
     p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--replicas", type=int, default=1, help="independent trajectories (seed, seed+1, ...)")
+    p.add_argument("--replicas", type=int, default=1, help="K independent trajectories batched through the model "
+                   "in one pass (written to out/replica_k/)")
     _add_generation_options(p)
     p.set_defaults(func=_cmd_run)
     q = sub.add_parser("run-many", help="generate for a CSV list of proteins (torchrun splits it over ranks)",
