@@ -60,6 +60,12 @@ def main(argv=None) -> int:
     print(f"Wrote {out / 'prepared.pdb'}, {out / 'traj.dcd'} ({args.steps // args.report_every} all-atom frames), "
           f"{out / 'log.csv'}.")
 
+    from openmm_starmd import load_model
+
+    meta = load_model().metadata
+    print(f"Model: bundled default, {meta.get('steps')} training steps on {meta.get('train_proteins') or 'see card'}; "
+          "read openmm_starmd/data/MODEL_CARD.md for what it can and cannot do.")
+
     from analyze_trajectory import analyze  # examples/analyze_trajectory.py
 
     analyze(out / "traj.dcd", out / "prepared.pdb", out, dt_ns=args.dt_ns * args.report_every)
