@@ -65,15 +65,12 @@ def _ca_topology(topology):
     return top
 
 
-def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *, model=None, device="auto",
-            seed=None, steps=None, backmap="vacuum", forcefield=("amber14-all.xml", "implicit/gbn2.xml"),
-            progress=True) -> dict:
-    """Generate one trajectory; returns the run record (also written to out_dir/run.json)."""
+def _start_run(pdb_path, out_dir, time_ns, dt_ns, report_ns, forcefield, seed):
+    """Shared set-up of run_one and run_replicas: frame counts, a fresh out_dir/.partial, the prepared
+    structure written there with its Cα-only copy ca.pdb, the System, and a seed."""
     import numpy as np
     from openmm import app, unit
-    from tqdm.auto import tqdm
 
-    from .integrator import StarMDIntegrator
     from .prepare import prepare_protein
 
     n_frames = _frames_of(time_ns, dt_ns, "--time")
@@ -83,21 +80,49 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
     tmp = out / ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-
     prepared = prepare_protein(pdb_path)
     prepared.write_pdb(tmp / "prepared.pdb")
     system = app.ForceField(*forcefield).createSystem(prepared.topology)
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+    ca_top = _ca_topology(prepared.topology)
+    ca_idx = [a.index for a in prepared.topology.atoms() if a.name == "CA"]
+    with open(tmp / "ca.pdb", "w") as fh:
+        start_nm = np.asarray(prepared.positions.value_in_unit(unit.nanometer))
+        app.PDBFile.writeFile(ca_top, start_nm[ca_idx] * unit.nanometer, fh)
+    return n_frames, every, out, tmp, prepared, system, seed, ca_top
+
+
+def _finish_run(out: Path, tmp: Path, record: dict) -> dict:
+    """Move everything from .partial into out_dir; run.json last, since its presence marks a finished run."""
+    (tmp / "run.json").write_text(json.dumps(record, indent=1, default=str))
+    for f in tmp.iterdir():
+        if f.name != "run.json":
+            dest = out / f.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(f, dest)
+    os.replace(tmp / "run.json", out / "run.json")
+    tmp.rmdir()
+    return record
+
+
+def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *, model=None, device="auto",
+            seed=None, steps=None, backmap="vacuum", forcefield=("amber14-all.xml", "implicit/gbn2.xml"),
+            progress=True) -> dict:
+    """Generate one trajectory; returns the run record (also written to out_dir/run.json)."""
+    from openmm import app, unit
+    from tqdm.auto import tqdm
+
+    from .integrator import StarMDIntegrator
+
+    n_frames, every, out, tmp, prepared, system, seed, ca_top = _start_run(
+        pdb_path, out_dir, time_ns, dt_ns, report_ns, forcefield, seed)
     integrator = StarMDIntegrator(dt=dt_ns * unit.nanoseconds, model=model, device=device, seed=seed,
                                   diffusion_steps=steps, backmap=backmap)
     sim = app.Simulation(prepared.topology, system, integrator)
     sim.context.setPositions(prepared.positions)
 
-    ca_top = _ca_topology(prepared.topology)
-    with open(tmp / "ca.pdb", "w") as fh:
-        ca_idx = [a.index for a in prepared.topology.atoms() if a.name == "CA"]
-        app.PDBFile.writeFile(ca_top, np.asarray(prepared.positions.value_in_unit(unit.nanometer))[ca_idx] * unit.nanometer, fh)
     ca_handle = open(tmp / "traj_ca.dcd", "wb")
     ca_dcd = app.DCDFile(ca_handle, ca_top, dt_ns * unit.nanoseconds, firstStep=0, interval=1)
     log_handle = open(tmp / "log.csv", "w")
@@ -134,13 +159,7 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
         "wall_s": wall, "ns_per_day": time_ns / wall * 86400,
         "removed_by_preparation": getattr(prepared, "removed", {}),
     }
-    (tmp / "run.json").write_text(json.dumps(record, indent=1, default=str))
-    for f in tmp.iterdir():  # run.json last: its presence marks a finished run
-        if f.name != "run.json":
-            os.replace(f, out / f.name)
-    os.replace(tmp / "run.json", out / "run.json")
-    tmp.rmdir()
-    return record
+    return _finish_run(out, tmp, record)
 
 
 def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, n_replicas: int, *,
@@ -150,40 +169,23 @@ def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: flo
     and replica_k/{traj.dcd, traj_ca.dcd} for k < K. Returns the run record."""
     import dataclasses
 
-    import numpy as np
     from openmm import app, unit
     from tqdm.auto import tqdm
 
     from .checkpoints import load_model
     from .integrator import DT_RANGE_NS, _resolve_device
-    from .prepare import prepare_protein
     from .replicas import ReplicaGenerator
 
     if not DT_RANGE_NS[0] <= dt_ns <= DT_RANGE_NS[1]:
         raise ValueError(f"dt={dt_ns:g} ns is outside the {DT_RANGE_NS[0]:g}-{DT_RANGE_NS[1]:g} ns range STAR-MD "
                          "is trained on; choose a dt in that range.")
-    n_frames = _frames_of(time_ns, dt_ns, "--time")
-    every = _frames_of(report_ns, dt_ns, "--report-every")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    prepared = prepare_protein(pdb_path)
-    prepared.write_pdb(tmp / "prepared.pdb")
-    system = app.ForceField(*forcefield).createSystem(prepared.topology)
-    if seed is None:
-        seed = int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+    n_frames, every, out, tmp, prepared, system, seed, ca_top = _start_run(
+        pdb_path, out_dir, time_ns, dt_ns, report_ns, forcefield, seed)
     device = _resolve_device(device)
     loaded = load_model(model, device=device)
     sampling = loaded.sampling_config if steps is None else dataclasses.replace(loaded.sampling_config, steps=steps)
     gen = ReplicaGenerator(prepared.topology, prepared.positions, system, loaded, dt_ns, n_replicas, seed,
                            device=device, sampling=sampling, backmap=backmap)
-    ca_top = _ca_topology(prepared.topology)
-    ca_idx = [a.index for a in prepared.topology.atoms() if a.name == "CA"]
-    with open(tmp / "ca.pdb", "w") as fh:
-        start_nm = np.asarray(prepared.positions.value_in_unit(unit.nanometer))
-        app.PDBFile.writeFile(ca_top, start_nm[ca_idx] * unit.nanometer, fh)
     handles, all_atom, ca_dcds = [], [], []
     for k in range(n_replicas):
         (tmp / f"replica_{k}").mkdir()
@@ -219,16 +221,7 @@ def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: flo
         "ns_per_day": n_replicas * time_ns / wall * 86400,
         "removed_by_preparation": getattr(prepared, "removed", {}),
     }
-    (tmp / "run.json").write_text(json.dumps(record, indent=1, default=str))
-    for f in tmp.iterdir():
-        if f.name != "run.json":
-            dest = out / f.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(f, dest)
-    os.replace(tmp / "run.json", out / "run.json")
-    tmp.rmdir()
-    return record
+    return _finish_run(out, tmp, record)
 
 
 def _cmd_run(args) -> int:
