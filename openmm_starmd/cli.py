@@ -124,7 +124,7 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
     sim.context.setPositions(prepared.positions)
 
     ca_handle = open(tmp / "traj_ca.dcd", "wb")
-    ca_dcd = app.DCDFile(ca_handle, ca_top, dt_ns * unit.nanoseconds, firstStep=0, interval=1)
+    ca_dcd = app.DCDFile(ca_handle, ca_top, dt_ns * unit.nanoseconds, firstStep=1, interval=1)
     log_handle = open(tmp / "log.csv", "w")
     sim.reporters += [
         app.DCDReporter(str(tmp / "traj.dcd"), every),
