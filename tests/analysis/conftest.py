@@ -78,7 +78,7 @@ def md_files(prepared_pdb, tmp_path_factory) -> dict:
     integ = mm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond,
                                         MD_STEP_FS * u.femtosecond)
     sim = app.Simulation(pdb.topology, system, integ, mm.Platform.getPlatformByName("CPU"),
-                         {"Threads": "2"})
+                         {"Threads": "1"})
     sim.context.setPositions(pdb.positions)
     sim.minimizeEnergy(maxIterations=20)
     start = sim.context.getState(getPositions=True).getPositions()

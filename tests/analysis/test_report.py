@@ -56,7 +56,13 @@ def test_md_replica_scores_like_an_oracle(report, md_pair):
     for key in ("pca_jsd", "pca_recall", "tic0_jsd"):
         value = c.get(key, d.get(key))
         assert value is not None and 0.0 <= value <= 1.0
-    assert c["pca_w2_nm"] >= 0.0 and c["pairwise_rmsd_nm"] > 0.0
+    assert c["pca_w2_nm"] >= 0.0
+    # With all-atom thresholds fitted on only 40 reference frames, the replica keeps 1-5 valid frames
+    # (run-to-run: OpenMM CPU MD is not bit-reproducible), and a pairwise RMSD needs two of them.
+    if v["n_valid_frames"] >= 2:
+        assert c["pairwise_rmsd_nm"] > 0.0
+    else:
+        assert c["pairwise_rmsd_nm"] is None  # NaN, written to JSON as null
     assert d["tica_lag_ns"] == pytest.approx(r["inputs"]["dt_ns"])
     assert len(v["over_time"]["block_start_ns"]) == len(v["over_time"]["combined"])
 
