@@ -14,6 +14,10 @@ finished ones are skipped. A failing job (e.g. a blow-up) is logged, recorded in
 ``queue_status.json`` and its trajectory is skipped in later rounds; the queue goes on.
 Create ``<md-root>/STOP`` to stop cleanly between checkpoints of jobs.
 
+Several queues may walk the same plan at once (``--worker NAME``, e.g. one per core or GPU):
+each claims a trajectory with a lock file ``<md-root>/<protein>/r<k>.lock`` holding its pid,
+skips trajectories another live worker holds, and takes over the lock of a dead one.
+
 Seeds are derived from the protein name and replica (``crc32(name) % 10**6 + 10**6 * replica``)
 so reruns are reproducible and replicas independent.
 """
@@ -82,15 +86,80 @@ def job_args(plan: dict, name: str, replica: int, target_ns: float, root: str, e
     return simulate.build_parser().parse_args(argv)
 
 
-def run_queue(plan_path: str, root: str, extra: list[str], max_jobs: int | None = None) -> dict:
-    """Run every job of the plan that is not finished yet. Returns the status dict."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(run_dir: str) -> bool:
+    """Take the lock of one trajectory; False when another live worker holds it."""
+    lock = run_dir.rstrip(os.sep) + ".lock"
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as fh:
+                    holder = int(fh.read().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder == os.getpid():
+                return True
+            if holder and _pid_alive(holder):
+                return False
+            try:  # a dead worker's lock: take it over
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(run_dir: str) -> None:
+    """Drop this worker's lock of one trajectory (if it holds it)."""
+    lock = run_dir.rstrip(os.sep) + ".lock"
+    try:
+        with open(lock) as fh:
+            if fh.read().strip() == str(os.getpid()):
+                os.remove(lock)
+    except FileNotFoundError:
+        pass
+
+
+def status_path_for(root: str, worker: str) -> str:
+    """The status file of one worker (``queue_status.json`` for the default worker "0")."""
+    return os.path.join(root, "queue_status.json" if worker == "0" else f"queue_status_{worker}.json")
+
+
+def run_queue(plan_path: str, root: str, extra: list[str], max_jobs: int | None = None,
+              worker: str = "0") -> dict:
+    """Run every job of the plan that is not finished yet. Returns the status dict.
+
+    ``worker`` names this queue when several walk the same plan; failures recorded by any
+    worker are skipped by all.
+    """
     plan = load_plan(plan_path)
     os.makedirs(root, exist_ok=True)
-    status_path = os.path.join(root, "queue_status.json")
-    status = {"failed": {}, "pid": os.getpid(), "started": _dt.datetime.now().isoformat(timespec="seconds")}
-    if os.path.exists(status_path):
-        with open(status_path) as fh:
-            status["failed"] = json.load(fh).get("failed", {})
+    status_path = status_path_for(root, worker)
+    status = {"failed": {}, "pid": os.getpid(), "worker": worker,
+              "started": _dt.datetime.now().isoformat(timespec="seconds")}
+    for name in sorted(os.listdir(root)):
+        if name.startswith("queue_status") and name.endswith(".json"):
+            try:
+                with open(os.path.join(root, name)) as fh:
+                    failed = json.load(fh).get("failed", {})
+            except (OSError, ValueError):
+                continue
+            status["failed"].update(failed)
     n = 0
     for si, name, r, target in iter_jobs(plan):
         key = f"{name}/r{r}"
@@ -103,16 +172,23 @@ def run_queue(plan_path: str, root: str, extra: list[str], max_jobs: int | None 
         frame_ps = float(plan.get("frame_ps", 10.0))
         if simulate.read_checkpoint_frames(run_dir) >= round(target * 1000 / frame_ps):
             continue
-        _log(f"stage {si} {key} -> {target} ns")
-        status.update(current=key, target_ns=target, stage=si)
-        simulate._atomic_write_json(status_path, status)
+        if not claim(run_dir):
+            continue  # another worker is growing this trajectory
         try:
-            simulate.run(job_args(plan, name, r, target, root, extra))
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # one bad protein must not stop hours of generation
-            _log(f"{key} FAILED: {exc}\n{traceback.format_exc()}")
-            status["failed"][key] = f"{type(exc).__name__}: {exc}"
+            if simulate.read_checkpoint_frames(run_dir) >= round(target * 1000 / frame_ps):
+                continue  # finished by another worker between the check and the claim
+            _log(f"stage {si} {key} -> {target} ns (worker {worker})")
+            status.update(current=key, target_ns=target, stage=si)
+            simulate._atomic_write_json(status_path, status)
+            try:
+                simulate.run(job_args(plan, name, r, target, root, extra))
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one bad protein must not stop hours of generation
+                _log(f"{key} FAILED: {exc}\n{traceback.format_exc()}")
+                status["failed"][key] = f"{type(exc).__name__}: {exc}"
+        finally:
+            release(run_dir)
         n += 1
         if max_jobs is not None and n >= max_jobs:
             break
@@ -129,6 +205,9 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=DEFAULT_ROOT, help="output root: <root>/<protein>/r<k>/")
     p.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs")
     p.add_argument("--list", action="store_true", help="print the job order and exit")
+    p.add_argument("--worker", default="0",
+                   help="name of this queue when several walk the same plan (one per core or GPU); "
+                        "trajectories are claimed with lock files, so workers never share one")
     args, extra = p.parse_known_args(argv)
     if args.list:
         plan = load_plan(args.plan)
@@ -136,7 +215,7 @@ def main(argv=None) -> int:
             print(si, f"{name}/r{r}", target)
         return 0
     # Anything not recognised here goes to simulate.py (e.g. --threads 1 --platform CPU).
-    run_queue(args.plan, args.root, extra, args.max_jobs)
+    run_queue(args.plan, args.root, extra, args.max_jobs, args.worker)
     return 0
 
 

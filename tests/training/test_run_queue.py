@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 
 from training_helpers import STRUCTURES, TRAINING, load_training_module
@@ -76,3 +79,23 @@ def test_committed_plan_reaches_the_data_floor():
     assert {"train", "validation", "test"} <= {p["split"] for p in plan["proteins"].values()}
     sizes = [structures[n]["prepare"]["n_residues"] for n in floor["proteins"]]
     assert sizes == sorted(sizes)  # smallest first
+
+
+def test_workers_skip_trajectories_another_live_worker_holds(tmp_path):
+    """A second worker never grows a trajectory whose lock a live process holds; a dead one's lock is taken."""
+    path = _plan(tmp_path, {"2M9I": {"file": str(STRUCTURES / "2M9I.pdb")}},
+                 [{"proteins": ["2M9I"], "ns": 0.0008, "chunk_ns": 0.0008}], frame_ps=0.2,
+                 simulate_args=["--frame-ps", "0.2", "--equil-ps", "0.2", "--checkpoint-frames", "2"])
+    root = tmp_path / "md"
+    (root / "2M9I").mkdir(parents=True)
+    lock = root / "2M9I" / "r0.lock"
+    lock.write_text(str(os.getppid()))  # a live process that is not this worker
+    run_queue.run_queue(path, str(root), ["--threads", "1", "--platform", "CPU"], worker="b")
+    assert not (root / "2M9I" / "r0").exists() and lock.read_text() == str(os.getppid())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))  # its worker died: the lock is stale
+    status = run_queue.run_queue(path, str(root), ["--threads", "1", "--platform", "CPU"], worker="b")
+    assert json.loads((root / "2M9I" / "r0" / "done").read_text())["frames"] == 4
+    assert not lock.exists() and status["worker"] == "b"
+    assert (root / "queue_status_b.json").exists()
