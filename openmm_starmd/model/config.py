@@ -19,6 +19,7 @@ from dataclasses import dataclass
 __all__ = ["ModelConfig", "NAMED_CONFIGS", "model_config"]
 
 _ATTENTION_MODES = ("joint", "separable")
+_ANCHORS = ("previous", "noisy")
 
 
 @dataclass
@@ -59,6 +60,15 @@ class ModelConfig:
         different chains are far apart in rotary position (larger than any residue-number span).
     rope_base_residue, rope_base_frame : float
         RoPE wavelength bases for the residue and frame axes.
+    x0_anchor : {"previous", "noisy"}
+        The frame each residue's predicted x0 is a rigid update of. "noisy" is FrameDiff's
+        choice: x0 = noisy frame ∘ update, so at high noise the network must place every residue
+        absolutely. "previous" (default) anchors the update on the same residue's frame in the
+        previous clean history slot, as the model sees it (contextual noise included): x0 =
+        previous ∘ update, so an untrained or unsure network predicts "no motion", and what it
+        learns is motion and local repair, which transfers across proteins. A noisy frame with
+        no previous clean frame (frame 0 of a training window) falls back to "noisy".
+        Checkpoints written before this option existed load as "noisy".
     """
 
     width: int = 128
@@ -79,11 +89,16 @@ class ModelConfig:
     chain_offset: int = 10_000
     rope_base_residue: float = 10_000.0
     rope_base_frame: float = 1_000.0
+    x0_anchor: str = "previous"
 
     def __post_init__(self):
         if self.attention not in _ATTENTION_MODES:
             raise ValueError(
                 f"ModelConfig.attention={self.attention!r} is not a known mode; use one of {_ATTENTION_MODES}."
+            )
+        if self.x0_anchor not in _ANCHORS:
+            raise ValueError(
+                f"ModelConfig.x0_anchor={self.x0_anchor!r} is not a known anchor; use one of {_ANCHORS}."
             )
         if self.width % self.heads:
             raise ValueError(
@@ -136,6 +151,8 @@ class ModelConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"ModelConfig.from_dict got unknown keys {unknown}; valid keys are {sorted(names)}.")
+        if "x0_anchor" not in d:  # written before the option existed: those models anchor on the noisy frame
+            d = {**d, "x0_anchor": "noisy"}
         return cls(**d)
 
 

@@ -61,6 +61,9 @@ class Rollout:
         Residue and chain embeddings.
     residue_angles : torch.Tensor, shape (B, N, d/4), float64
         RoPE angles of the residue positions.
+    last_clean : Rigid or None, batch shape (B, N), nm
+        The last appended clean frame as the model saw it: the x0 anchor of the next noisy
+        frame when ``config.x0_anchor == "previous"``.
     """
 
     residues: ResidueFeatures
@@ -69,6 +72,7 @@ class Rollout:
     origin: torch.Tensor | None
     token_base: torch.Tensor
     residue_angles: torch.Tensor
+    last_clean: Rigid | None = None
 
     @property
     def n_frames(self) -> int:
@@ -144,6 +148,27 @@ class StarMDNetwork(nn.Module):
             x = layer(x, cond, rots, trans, cos, sin, context, i)
         return x
 
+    @staticmethod
+    def anchor_slots(frame_index: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+        """Slot whose frame anchors each slot's x0 under ``x0_anchor="previous"``.
+
+        Parameters
+        ----------
+        frame_index : torch.Tensor, shape (S,), long
+        noisy : torch.Tensor, shape (S,), bool
+
+        Returns
+        -------
+        torch.Tensor, shape (S,), long
+            For a noisy slot of frame f, the clean slot of frame f - 1 when the sequence has
+            one; otherwise (clean slots, noisy frames without a predecessor) the slot itself.
+        """
+        S = frame_index.shape[0]
+        idx = torch.arange(S, device=frame_index.device)
+        prev = noisy[:, None] & ~noisy[None, :] & (frame_index[None, :] == frame_index[:, None] - 1)
+        has = prev.any(dim=1)
+        return torch.where(has, prev.float().argmax(dim=1), idx)
+
     def _head(self, x: torch.Tensor, cond: torch.Tensor, frames: Rigid) -> Rigid:
         shift, scale = self.final_modulation(cond)[:, :, None].chunk(2, dim=-1)
         out = self.head(modulate(self.final_norm(x), shift, scale))
@@ -195,6 +220,9 @@ class StarMDNetwork(nn.Module):
         cos, sin = rope_tables(self._residue_angles(residues), self._frame_angles(sequence.frame_index), self.dtype)
         context = FullContext(sequence.frame_index, sequence.noisy, mask, window)
         x = self._trunk(x, cond, frames.rots, trans, cos, sin, context)
+        if self.config.x0_anchor == "previous":
+            slots = self.anchor_slots(sequence.frame_index, sequence.noisy)
+            frames = Rigid(frames.rots[:, slots], frames.trans[:, slots])
         return self._head(x, cond, frames)
 
     # ------------------------------------------------------------------ cached rollout
@@ -253,6 +281,8 @@ class StarMDNetwork(nn.Module):
         cos, sin = rope_tables(rollout.residue_angles, frame_angles, self.dtype)
         context = CachedContext(rollout.cache, frame, noisy, mask)
         x = self._trunk(x, cond, rots, trans, cos, sin, context)
+        if not noisy:
+            rollout.last_clean = frames
         return x, cond, Rigid(rots, frames.trans[:, None])
 
     def append_clean(self, rollout: Rollout, frames: Rigid, tau) -> None:
@@ -290,5 +320,7 @@ class StarMDNetwork(nn.Module):
         frame = rollout.cache.next_frame()
         t = torch.as_tensor(t, dtype=torch.float64, device=rollout.dt_ns.device).reshape(-1).expand(rollout.dt_ns.shape)
         x, cond, frames = self._slot_pass(rollout, noisy, t, noisy=True, frame=frame)
+        if self.config.x0_anchor == "previous" and rollout.last_clean is not None:
+            frames = Rigid(rollout.last_clean.rots[:, None], rollout.last_clean.trans[:, None])
         out = self._head(x, cond, frames)
         return Rigid(out.rots[:, 0], out.trans[:, 0])

@@ -129,12 +129,34 @@ def test_chains_are_distinguished(short_md):
     assert (a.trans[:, :, :24] - b.trans[:, :, :24]).abs().max() > 1e-6
 
 
-def test_fresh_network_predicts_the_noisy_input(short_md):
-    net = StarMDNetwork(ModelConfig(**TINY)).double()
+def test_fresh_network_predicts_the_noisy_input_under_the_noisy_anchor(short_md):
+    net = StarMDNetwork(ModelConfig(**TINY, x0_anchor="noisy")).double()
     seq = training_layout(short_md["frames"], 2)
     with torch.no_grad():
         out = net(residues_of(short_md), seq)
     assert torch.allclose(out.trans, seq.frames.trans) and torch.allclose(out.rots, seq.frames.rots)
+
+
+def test_fresh_network_predicts_the_previous_clean_frame_under_the_previous_anchor(short_md):
+    """Zero-initialised head: x0 of noisy frame f is clean frame f - 1; frame 0 (no predecessor) its own input."""
+    net = StarMDNetwork(ModelConfig(**TINY)).double()
+    assert net.config.x0_anchor == "previous"
+    seq = training_layout(short_md["frames"], 3)  # slots: clean 0, 1, 2, noisy 0, 1, 2
+    with torch.no_grad():
+        out = net(residues_of(short_md), seq)
+    expected = [0, 1, 2, 3, 0, 1]
+    assert StarMDNetwork.anchor_slots(seq.frame_index, seq.noisy).tolist() == expected
+    assert torch.allclose(out.trans, seq.frames.trans[:, expected])
+    assert torch.allclose(out.rots, seq.frames.rots[:, expected])
+    assert not torch.allclose(out.trans[:, 4], seq.frames.trans[:, 4])  # really not the noisy input
+
+
+def test_old_configs_without_an_anchor_load_as_noisy():
+    d = ModelConfig(**TINY).to_dict()
+    del d["x0_anchor"]
+    assert ModelConfig.from_dict(d).x0_anchor == "noisy"
+    with pytest.raises(ValueError, match="x0_anchor"):
+        ModelConfig(**TINY, x0_anchor="last")
 
 
 def test_bf16_autocast_keeps_geometry_in_float32(short_md):

@@ -8,6 +8,10 @@ loss. The x0 loss on a fixed evaluation batch (fixed windows, times and noise) m
 The evaluation scores frames 1..L-1 of each window, the ones with history: the first frame of a
 window has none, and at large t its orientation is unknowable (its loss floor is ~O(1)), which
 is not what an MD emulator is asked to do.
+
+It uses ``x0_anchor="noisy"``: with the default "previous" anchor a fresh network already
+predicts the previous frame, which on this 0.05 ps trajectory is within thermal jitter of the
+target, so there is no 10x to fall (that anchor is compared on real training data instead).
 """
 import torch
 
@@ -52,7 +56,7 @@ def test_small_model_overfits_a_short_real_trajectory():
     md["frames"] = Rigid(md["frames"].rots[:40], md["frames"].trans[:40])  # 2 ps
     diffuser = SE3Diffuser()
     net = StarMDNetwork(ModelConfig(width=32, heads=4, blocks=2, query_points=4, value_points=4,
-                                    time_fourier=8, dt_fourier=4, window=L))
+                                    time_fourier=8, dt_fourier=4, window=L, x0_anchor="noisy"))
     eval_batch = _batch(md, diffuser, torch.Generator().manual_seed(123), starts=torch.tensor([0, 11, 22, 33]),
                         t=torch.linspace(0.05, 0.95, BATCH * L).reshape(BATCH, L))
     with torch.no_grad():
