@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Roll a model out on the backbone shards of a manifest and score the Cα frames it makes.
+
+The quick, backbone-only check behind the model card: for every chosen protein, the first
+``--history`` frames of its replica-0 shard (at the stride that gives ``--dt-ns``) are the
+history; the model generates ``--frames`` more; no OpenMM, no backmapping. Printed per protein
+(Markdown table, and ``--json`` for the numbers):
+
+- Cα validity: the fraction of generated frames with no Cα pair closer than 3.0 Å and no
+  consecutive Cα pair (same chain, consecutive residue numbers) further than 4.19 Å
+  (:mod:`openmm_starmd.analysis.validity`'s thresholds);
+- consecutive Cα–Cα distance min / mean / max over all generated frames, Å (MD: ~3.8 ± 0.05);
+- drift: Cα RMSD after superposition of the last generated frame to the last history frame, Å,
+  next to the same quantity for the reference MD over the same time span where the shard is long
+  enough (``ref drift``);
+- RMSF r: Pearson r of the per-residue Cα RMSF of the generated frames and of the reference
+  shard (all its frames; meaningful only when the rollout spans a time comparable to the shard).
+
+Example::
+
+    python training/rollout_check.py openmm_starmd/data/starmd_default.pt --proteins 2M9I villin_hp35 \\
+        --dt-ns 0.1 --frames 50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from openmm_starmd.analysis.alignment import superposed_rmsd  # noqa: E402
+from openmm_starmd.analysis.coverage import rmsf_correlation  # noqa: E402
+from openmm_starmd.analysis.validity import CA_BREAK_NM, CA_CLASH_NM  # noqa: E402
+from openmm_starmd.checkpoints import load_model  # noqa: E402
+from openmm_starmd.data import load_shard  # noqa: E402
+from openmm_starmd.geometry.frames import frames_from_backbone  # noqa: E402
+from openmm_starmd.geometry.rigid import Rigid  # noqa: E402
+from openmm_starmd.sampling import AutoregressiveSampler  # noqa: E402
+
+DEFAULT_MANIFEST = os.path.join(HERE, "data", "manifest.json")
+
+
+def ca_geometry(ca_nm: np.ndarray, residue_index: np.ndarray, chain_index: np.ndarray) -> dict:
+    """Cα validity and consecutive-distance statistics of frames.
+
+    Parameters
+    ----------
+    ca_nm : np.ndarray, shape (F, N, 3), nm
+    residue_index, chain_index : np.ndarray, shape (N,)
+
+    Returns
+    -------
+    dict with ``valid`` (F,) bool, ``ca_ca_A`` (min, mean, max) in Å.
+    """
+    bonded = (np.diff(residue_index) == 1) & (np.diff(chain_index) == 0)
+    d_next = np.linalg.norm(ca_nm[:, 1:] - ca_nm[:, :-1], axis=-1)[:, bonded]
+    pair = np.linalg.norm(ca_nm[:, :, None] - ca_nm[:, None], axis=-1)
+    iu = np.triu_indices(ca_nm.shape[1], k=1)
+    clash = (pair[:, iu[0], iu[1]] < CA_CLASH_NM).any(axis=1)
+    brk = (d_next > CA_BREAK_NM).any(axis=1)
+    return {"valid": ~(clash | brk),
+            "ca_ca_A": (float(d_next.min() * 10), float(d_next.mean() * 10), float(d_next.max() * 10))}
+
+
+def _rmsd_nm(a: np.ndarray, b: np.ndarray) -> float:
+    return float(superposed_rmsd(a[None], b[None])[0])
+
+
+def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, seed: int, steps: int | None) -> dict:
+    """Roll out one protein; the metrics of the module docstring."""
+    stride = max(1, int(round(dt_ns / shard.frame_spacing_ns)))
+    idx = np.arange(n_history) * stride
+    if idx[-1] >= shard.n_frames:
+        raise ValueError(f"{shard.name}: {n_history} history frames at stride {stride} need {idx[-1] + 1} frames; "
+                         f"the shard has {shard.n_frames}. Lower --history or --dt-ns.")
+    xyz = torch.as_tensor(shard.coords_nm[idx], dtype=torch.float32)
+    frames = frames_from_backbone(xyz[..., 0, :], xyz[..., 1, :], xyz[..., 2, :])
+    config = loaded.sampling_config
+    if steps is not None:
+        import dataclasses
+        config = dataclasses.replace(config, steps=steps)
+    sampler = AutoregressiveSampler(loaded.model, loaded.diffuser, shard.aatype, shard.residue_index,
+                                    shard.chain_index, shard.residue_mask, dt_ns=stride * shard.frame_spacing_ns,
+                                    config=config, seed=seed)
+    sampler.add_history(frames)
+    out = sampler.generate(n_frames)
+    ca = out.trans.reshape(-1, shard.n_residues, 3).detach().cpu().numpy().astype(np.float64)
+    geo = ca_geometry(ca, shard.residue_index, shard.chain_index)
+    ref_ca = shard.coords_nm[:, :, 1].astype(np.float64)
+    last_hist = ref_ca[idx[-1]]
+    end = idx[-1] + n_frames * stride
+    row = {
+        "protein": shard.name, "residues": shard.n_residues, "dt_ns": stride * shard.frame_spacing_ns,
+        "frames": n_frames, "ca_validity": float(geo["valid"].mean()), "ca_ca_A": geo["ca_ca_A"],
+        "drift_A": _rmsd_nm(ca[-1], last_hist) * 10,
+        "ref_drift_A": _rmsd_nm(ref_ca[end], last_hist) * 10 if end < shard.n_frames else None,
+        "rmsf_r": rmsf_correlation(ref_ca, ca) if n_frames >= 3 else None,
+    }
+    ref_geo = ca_geometry(ref_ca, shard.residue_index, shard.chain_index)
+    row["ref_ca_validity"] = float(ref_geo["valid"].mean())
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table."""
+    def f(x, fmt):
+        return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
+
+    lines = ["| protein | residues | Δt (ns) | frames | Cα validity (MD) | Cα–Cα min / mean / max (Å) "
+             "| drift (Å) | MD drift (Å) | RMSF r |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cc = "{:.2f} / {:.2f} / {:.2f}".format(*r["ca_ca_A"])
+        lines.append(f"| {r['protein']} | {r['residues']} | {r['dt_ns']:g} | {r['frames']} | "
+                     f"{r['ca_validity']:.2f} ({r['ref_ca_validity']:.2f}) | {cc} | {f(r['drift_A'], '.2f')} | "
+                     f"{f(r['ref_drift_A'], '.2f')} | {f(r['rmsf_r'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="?", default=None, help="model file (default: the bundled default model)")
+    p.add_argument("--manifest", default=DEFAULT_MANIFEST, help="manifest.json of training/prepare.py")
+    p.add_argument("--proteins", nargs="+", default=None,
+                   help="proteins to check (default: every protein of --split)")
+    p.add_argument("--split", default="test", help="split whose proteins are checked when --proteins is not given")
+    p.add_argument("--dt-ns", type=float, nargs="+", default=[0.1], help="frame spacing(s) of the rollout, ns")
+    p.add_argument("--frames", type=int, default=20, help="frames to generate per protein")
+    p.add_argument("--history", type=int, default=1, help="MD frames given as history")
+    p.add_argument("--steps", type=int, default=None, help="reverse diffusion steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with open(args.manifest) as fh:
+        manifest = json.load(fh)
+    base = os.path.dirname(os.path.abspath(args.manifest))
+    entries = {}
+    for e in manifest["shards"]:
+        if e["replica"] == 0 and (args.proteins is None and e["split"] == args.split
+                                  or args.proteins is not None and e["protein"] in args.proteins):
+            entries[e["protein"]] = e
+    missing = sorted(set(args.proteins or []) - set(entries))
+    if missing:
+        p.error(f"no replica-0 shard of {missing} in {args.manifest}; see `python training/prepare.py --summary`.")
+    loaded = load_model(args.model)
+    rows = []
+    for name in (args.proteins or sorted(entries)):
+        shard = load_shard(os.path.join(base, entries[name]["file"]), entries[name]["sha256"])
+        for dt in args.dt_ns:
+            rows.append(check_protein(loaded, shard, dt, args.frames, args.history, args.seed, args.steps))
+            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
