@@ -38,13 +38,13 @@ the last W frames' keys and values bit for bit. A full cache stores every frame.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ._config import JsonConfig
 from .geometry.rigid import Rigid
 from .model.network import StarMDNetwork
 from .model.sequence import ResidueFeatures, apply_contextual_noise, ca_centroid, shift_frames
@@ -70,7 +70,7 @@ def time_grid(steps: int, t_min: float) -> list[float]:
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(JsonConfig):
     """How frames are drawn.
 
     Attributes
@@ -115,19 +115,6 @@ class SamplingConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"SamplingConfig: {message}.")
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict of every field."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SamplingConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise, missing keys take defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"SamplingConfig.from_dict got unknown keys {unknown}; valid keys are {sorted(names)}.")
-        return cls(**d)
 
 
 class AutoregressiveSampler:

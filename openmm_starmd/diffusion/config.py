@@ -8,14 +8,15 @@ so ``coordinate_scale_nm = 1.0`` (one diffusion unit is one nanometre) reproduce
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+
+from .._config import JsonConfig
 
 __all__ = ["DiffusionConfig"]
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(JsonConfig):
     """Schedules of the SE(3) diffusion; serialised inside checkpoints via :meth:`to_dict`.
 
     Attributes
@@ -52,19 +53,3 @@ class DiffusionConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"DiffusionConfig: {message}; got {self}.")
-
-    def to_dict(self) -> dict:
-        """Plain JSON-serialisable dict of all fields."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DiffusionConfig":
-        """Inverse of :meth:`to_dict`; missing fields take their defaults, unknown fields raise."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"DiffusionConfig.from_dict got unknown field(s) {unknown}; remove them or use the "
-                f"openmm-starmd version that wrote this config (known: {sorted(known)})."
-            )
-        return cls(**data)

@@ -13,8 +13,9 @@ joint layer is replaced by a spatial layer (residues of one frame) followed by a
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+
+from .._config import JsonConfig
 
 __all__ = ["ModelConfig", "NAMED_CONFIGS", "model_config"]
 
@@ -23,7 +24,7 @@ _ANCHORS = ("previous", "noisy")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """Hyper-parameters of :class:`openmm_starmd.model.network.StarMDNetwork`.
 
     Parameters
@@ -140,20 +141,11 @@ class ModelConfig:
         block = ["frame"] * self.frame_layers + joint * self.joint_layers
         return block * self.blocks
 
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict of every field."""
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error so typos do not pass silently."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"ModelConfig.from_dict got unknown keys {unknown}; valid keys are {sorted(names)}.")
+    def _upgrade(cls, d: dict) -> dict:
         if "x0_anchor" not in d:  # written before the option existed: those models anchor on the noisy frame
-            d = {**d, "x0_anchor": "noisy"}
-        return cls(**d)
+            d["x0_anchor"] = "noisy"
+        return d
 
 
 #: Named sizes. "paper" follows STAR-MD (hidden 256, 8 heads, 4 blocks of one per-frame layer and

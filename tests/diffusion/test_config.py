@@ -24,7 +24,7 @@ def test_missing_fields_take_defaults():
 
 
 def test_unknown_field_is_named():
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['beta_typo'\]"):
+    with pytest.raises(ValueError, match=r"unknown keys \['beta_typo'\]"):
         DiffusionConfig.from_dict({"beta_typo": 1.0})
 
 
