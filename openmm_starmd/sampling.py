@@ -31,7 +31,8 @@ Choices where the paper is silent:
   it for quality-critical runs; it is a sampling-time knob.
 
 Exact resume: :meth:`AutoregressiveSampler.state_dict` stores the frames the cache was built from
-(as the model saw them, i.e. after contextual noise), their τ, the diffusion origin, the
+(as the model saw them, i.e. after contextual noise), their τ, the last frame before contextual
+noise (the x0 anchor of ``ModelConfig.x0_anchor = "previous"``), the diffusion origin, the
 attention origin and the generator state. A window cache's keys depend, through the layers, on
 up to ``W + (layers - 1)(W - 1)`` earlier frames, so that many are stored; replaying them rebuilds
 the last W frames' keys and values bit for bit. A full cache stores every frame.
@@ -191,6 +192,7 @@ class AutoregressiveSampler:
         )
         self._history: list[tuple[Rigid, torch.Tensor]] = []  # (frames as seen by the model, tau)
         self._origin: torch.Tensor | None = None  # Cα centroid of the last clean frame, (B, 3)
+        self._anchor: Rigid | None = None  # the last clean frame before contextual noise, (B, N)
 
     @property
     def n_frames(self) -> int:
@@ -237,8 +239,9 @@ class AutoregressiveSampler:
             tau = torch.zeros(B, dtype=self.dtype, device=self.device)
             seen = clean
         with torch.no_grad(), self._autocast():
-            self.model.append_clean(self._rollout, seen, tau)
+            self.model.append_clean(self._rollout, seen, tau, anchor=clean)
         self._history.append((seen, tau))
+        self._anchor = clean
         keep = self._history_needed()
         if keep is not None and len(self._history) > keep:
             del self._history[: len(self._history) - keep]
@@ -349,6 +352,8 @@ class AutoregressiveSampler:
             "history_trans": arr(torch.stack([h[0].trans for h in self._history])) if n_hist else empty[1],
             "history_tau": arr(torch.stack([h[1] for h in self._history])) if n_hist else empty[2],
             "diffusion_origin": None if self._origin is None else arr(self._origin),
+            "anchor_rots": None if self._anchor is None else arr(self._anchor.rots),
+            "anchor_trans": None if self._anchor is None else arr(self._anchor.trans),
             "attention_origin": None if self._rollout.origin is None else arr(self._rollout.origin),
             "rng_state": arr(self.generator.get_state()),
             "seed": self.seed,
@@ -379,11 +384,16 @@ class AutoregressiveSampler:
         att = state["attention_origin"]
         self._reset(int(state["first_history_frame"]), None if att is None else tensor(att))
         rots, trans, taus = tensor(state["history_rots"]), tensor(state["history_trans"]), tensor(state["history_tau"])
+        anchor = None
+        if state.get("anchor_rots") is not None:
+            anchor = Rigid(tensor(state["anchor_rots"]), tensor(state["anchor_trans"]))
         with torch.no_grad(), self._autocast():
             for i in range(rots.shape[0]):
                 seen = Rigid(rots[i], trans[i])
-                self.model.append_clean(self._rollout, seen, taus[i])
+                last = i == rots.shape[0] - 1
+                self.model.append_clean(self._rollout, seen, taus[i], anchor=anchor if last else None)
                 self._history.append((seen, taus[i]))
+        self._anchor = anchor
         if self.n_frames != int(state["n_frames"]):
             raise ValueError(f"sampler state is inconsistent: rebuilt {self.n_frames} frames, expected {state['n_frames']}.")
         origin = state["diffusion_origin"]

@@ -2,9 +2,28 @@
 
 STAR-MD judges generated frames that have been mapped back to all atoms with MolProbity-style
 checks, with the Ramachandran and rotamer thresholds set at the 99th percentile of the MD
-oracle. This module implements those checks on mdtraj Trajectories, with every reference
-distribution *estimated from the reference MD trajectory itself* (no external rotamer library
-or MolProbity contours are shipped or downloaded).
+oracle. This module implements those checks on mdtraj Trajectories. Two questions are kept
+apart, as MolProbity keeps them apart:
+
+- *What is allowed* (the (φ, ψ) and (χ1, χ2) densities) comes by default from a **bundled
+  library of our own**, ``openmm_starmd/data/dihedral_reference.npz``, written by
+  ``training/build_dihedral_reference.py``: raw 36×36 (χ1-only: 36-bin) counts pooled over the
+  experimental structures listed in training/structures/structures.json (first model; the
+  Rosetta design models are left out), without any protein of the test or validation split of
+  training/plan.json or of their sequence families, plus every 5th frame of the finished
+  all-atom MD runs of training-split proteins present when it was built. The 2026-11-25 build
+  holds 85 structures and 20 MD frames (neopetrosiamide r0): 7879 general, 590 Gly, 372 Pro and
+  320 pre-Pro (φ, ψ) and 136 (Trp) to 839 (Leu) χ samples per residue type; the file's
+  ``provenance`` JSON lists every input with its sha256. No external rotamer library or
+  MolProbity contour is shipped or downloaded. Densities fitted on a short reference run alone
+  cover only the states that one replica visited, so an independent replica of the same protein
+  "fails": 2M9I, criteria fitted on 1 ns replica r0, judged on replica r1: 0.03 of r1's frames
+  valid with reference-only densities (rotamer check 0.03) and 0.99 with the library (rotamer
+  check 1.00). A class or residue type the library lacks (or holds fewer than ``min_samples``
+  of) falls back to a density fitted on the reference MD;
+  ``fit_allatom_criteria(..., dihedrals="reference")`` uses reference-only densities everywhere.
+- *How many outliers a frame may have* (the per-frame thresholds) is calibrated on the
+  reference MD, the oracle, at its 99th percentile.
 
 Definitions and the choices made where the paper is silent:
 
@@ -24,17 +43,17 @@ Definitions and the choices made where the paper is silent:
   may be hydrogen bonded, clash only when closer than 0.25 nm, and S–S pairs (possible
   disulfides) never clash. The per-frame *clashscore* is the number of clashes per 1000 heavy
   atoms, as in MolProbity.
-- **Ramachandran outlier**: a residue whose (φ, ψ) falls where the reference MD is rarest. The
-  reference density is a 36×36 (10°) periodic histogram of (φ, ψ), smoothed with a 10°
-  Gaussian, pooled per residue class (MolProbity's glycine, proline, pre-proline and general
-  classes); a residue is an outlier when its density is below the 1st percentile of the
-  reference's own residue densities of that class (so 1% of reference residue-frames are
-  outliers).
-- **Rotamer outlier**: the same construction per residue type on (χ1, χ2) (χ1 alone for
-  residues without χ2); χ2 of Asp, Phe and Tyr is symmetrised by 180° (their two terminal atoms
-  are chemically equivalent).
-- A class with fewer than ``min_samples`` reference samples is not judged (no outliers), since
-  its density cannot be estimated.
+- **Ramachandran outlier**: a residue whose (φ, ψ) falls where the density is lowest. The
+  density is a 36×36 (10°) periodic histogram of (φ, ψ), smoothed with a 10° Gaussian, pooled
+  per residue class (MolProbity's glycine, proline, pre-proline and general classes); a residue
+  is an outlier when its density is below the 1st percentile of the densities of the samples
+  the histogram was built from (MolProbity's "1% of library residues are outliers"; for
+  reference-fitted densities, 1% of reference residue-frames).
+- **Rotamer outlier**: the same construction per residue type on (χ1, χ2) (χ1 alone for Cys,
+  Ser, Thr and Val, which have no χ2); χ2 of Asp, Phe and Tyr is symmetrised by 180° (their two
+  terminal atoms are chemically equivalent).
+- A class with fewer than ``min_samples`` samples (in the library, or then in the reference) is
+  not judged (no outliers), since its density cannot be estimated.
 - **Frame thresholds** ("99th percentile of the MD oracle"): a frame passes the clash,
   Ramachandran and rotamer checks when its clashscore and its fractions of Ramachandran and
   rotamer outliers are at most the 99th percentile of the same per-frame quantities over the
@@ -43,7 +62,11 @@ Definitions and the choices made where the paper is silent:
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -64,8 +87,14 @@ __all__ = [
     "backbone_dihedrals",
     "sidechain_dihedrals",
     "ramachandran_classes",
+    "RAMACHANDRAN_CLASSES",
+    "ROTAMER_DIMENSIONS",
+    "BUNDLED_DIHEDRAL_REFERENCE",
+    "periodic_histogram",
     "DihedralReference",
     "fit_dihedral_reference",
+    "bundled_dihedral_reference",
+    "dihedral_reference_from_counts",
     "AllAtomCriteria",
     "AllAtomValidity",
     "fit_allatom_criteria",
@@ -79,6 +108,16 @@ PEPTIDE_GAP_NM = 0.20
 CLASH_OVERLAP_NM = 0.04
 HBOND_MIN_NM = 0.25
 _SYMMETRIC_CHI2 = {"ASP", "PHE", "TYR"}
+RAMACHANDRAN_CLASSES = ("GENERAL", "GLY", "PRO", "PREPRO")
+#: Side-chain dihedrals judged per residue type (mdtraj's χ1/χ2 atom definitions): 2 = (χ1, χ2),
+#: 1 = χ1 only. Ala and Gly have no χ.
+ROTAMER_DIMENSIONS = {
+    "ARG": 2, "ASN": 2, "ASP": 2, "GLN": 2, "GLU": 2, "HIS": 2, "ILE": 2, "LEU": 2, "LYS": 2,
+    "MET": 2, "PHE": 2, "PRO": 2, "TRP": 2, "TYR": 2, "CYS": 1, "SER": 1, "THR": 1, "VAL": 1,
+}
+#: The pooled dihedral library shipped with the package (training/build_dihedral_reference.py).
+BUNDLED_DIHEDRAL_REFERENCE = (Path(__file__).resolve().parent.parent / "data"
+                              / "dihedral_reference.npz")
 
 
 def _protein_residues(topology: md.Topology) -> list:
@@ -262,32 +301,89 @@ def ramachandran_classes(topology: md.Topology) -> list[str]:
     return out
 
 
+def _bin_index(angles: np.ndarray, bins: int) -> np.ndarray:
+    """Bin of each angle on the periodic grid of ``bins`` bins over [-π, π); same shape, int."""
+    return np.floor((angles + np.pi) / (2 * np.pi) * bins).astype(int) % bins
+
+
+def periodic_histogram(samples: np.ndarray, bins: int = 36) -> np.ndarray:
+    """Raw counts of angle samples on the periodic grid every density of this module uses.
+
+    The bundled library stores exactly these counts, so library and reference densities share
+    one binning by construction.
+
+    Parameters
+    ----------
+    samples : np.ndarray, shape=(n_samples, d), radians, d = 1 or 2
+        Angles; any real value is wrapped onto [-π, π).
+    bins : int
+        Bins per angle over [-π, π) (36 = 10° bins).
+
+    Returns
+    -------
+    np.ndarray, shape=(bins,) * d, int64
+    """
+    samples = np.asarray(samples, dtype=float)
+    counts = np.zeros((bins,) * samples.shape[1], dtype=np.int64)
+    np.add.at(counts, tuple(_bin_index(samples, bins).T), 1)
+    return counts
+
+
 class _PeriodicDensity:
     """Smoothed periodic histogram of angles in 1 or 2 dimensions; log-probability per bin."""
 
-    def __init__(self, samples: np.ndarray, bins: int, sigma_bins: float):
-        d = samples.shape[1]
-        hist, _ = np.histogramdd(samples, bins=[bins] * d, range=[(-np.pi, np.pi)] * d)
-        hist = gaussian_filter(hist, sigma_bins, mode="wrap")
-        self.bins = bins
+    def __init__(self, counts: np.ndarray, sigma_bins: float):
+        hist = gaussian_filter(np.asarray(counts, dtype=float), sigma_bins, mode="wrap")
+        self.bins = counts.shape[0]
         self.log_p = np.log(hist / hist.sum() + 1e-12)
 
     def logpdf(self, angles: np.ndarray) -> np.ndarray:
-        idx = np.floor((angles + np.pi) / (2 * np.pi) * self.bins).astype(int) % self.bins
-        return self.log_p[tuple(idx.T)]
+        """Log-density of angles, shape (n, d) radians -> (n,)."""
+        return self.log_p[tuple(_bin_index(angles, self.bins).T)]
+
+    def threshold(self, counts: np.ndarray, lower: float) -> float:
+        """The ``lower``-th percentile of the log-density of the samples counted in ``counts``."""
+        return float(np.percentile(np.repeat(self.log_p.ravel(), counts.ravel()), lower))
+
+
+def _density_and_threshold(counts: np.ndarray, sigma_bins: float, lower: float,
+                           flipped_counts: np.ndarray | None = None):
+    """Density from ``counts`` (plus ``flipped_counts``, the χ2 + 180° copies of symmetric side
+    chains) and its outlier threshold over the original samples only."""
+    fit_on = counts if flipped_counts is None else counts + flipped_counts
+    density = _PeriodicDensity(fit_on, sigma_bins)
+    return density, density.threshold(counts, lower)
 
 
 @dataclass
 class DihedralReference:
-    """Reference (φ, ψ) and (χ1, χ2) densities estimated from a reference MD trajectory.
+    """(φ, ψ) and (χ1, χ2) densities, each with its log-density outlier threshold.
 
-    Build with :func:`fit_dihedral_reference`. ``rama`` maps a Ramachandran class and
-    ``rotamer`` a residue name to a fitted density and its log-density threshold.
+    Build with :func:`bundled_dihedral_reference` (the pooled library shipped with the package),
+    :func:`fit_dihedral_reference` (densities of one reference MD trajectory) or
+    :func:`fit_allatom_criteria` (the library, falling back to the reference). ``rama`` maps a
+    Ramachandran class to ``(density, threshold)`` and ``rotamer`` a residue name to
+    ``(density, threshold, dims)``; ``rama_source`` and ``rotamer_source`` say where each came
+    from ("bundled" or "reference"); ``library`` describes the bundled file when one was used.
     """
 
     rama: dict = field(default_factory=dict)
     rotamer: dict = field(default_factory=dict)
     percentile: float = 99.0
+    rama_source: dict = field(default_factory=dict)
+    rotamer_source: dict = field(default_factory=dict)
+    library: dict | None = None
+
+    def describe(self) -> dict:
+        """Where the densities came from, as plain JSON-able values, for reports."""
+        used = set(self.rama_source.values()) | set(self.rotamer_source.values())
+        return {
+            # "bundled", "reference", "bundled+reference" (library with fallbacks) or "none"
+            "dihedral_density_source": "+".join(sorted(used)) or "none",
+            "dihedral_library": self.library,
+            "ramachandran_density_sources": dict(sorted(self.rama_source.items())),
+            "rotamer_density_sources": dict(sorted(self.rotamer_source.items())),
+        }
 
     def ramachandran_outliers(self, traj: md.Trajectory) -> tuple[np.ndarray, np.ndarray]:
         """Ramachandran outliers of every residue in every frame.
@@ -344,6 +440,10 @@ def fit_dihedral_reference(reference: md.Trajectory, percentile: float = 99.0,
                            min_samples: int = 50) -> DihedralReference:
     """Estimate per-class (φ, ψ) and per-residue-type (χ1, χ2) densities from reference MD.
 
+    Densities of a short run cover only the states it visited; :func:`fit_allatom_criteria`
+    uses the bundled library first and this only as a fallback (or with
+    ``dihedrals="reference"``).
+
     Parameters
     ----------
     reference : mdtraj.Trajectory
@@ -361,6 +461,7 @@ def fit_dihedral_reference(reference: md.Trajectory, percentile: float = 99.0,
     Returns
     -------
     DihedralReference
+        Every density marked ``"reference"`` in ``rama_source`` / ``rotamer_source``.
     """
     sigma_bins = sigma_deg / (360.0 / bins)
     lower = 100.0 - percentile
@@ -368,12 +469,12 @@ def fit_dihedral_reference(reference: md.Trajectory, percentile: float = 99.0,
 
     phi, psi = backbone_dihedrals(reference)
     classes = np.array(ramachandran_classes(reference.topology))
-    for cls in ("GENERAL", "GLY", "PRO", "PREPRO"):
+    for cls in RAMACHANDRAN_CLASSES:
         cols = np.flatnonzero((classes == cls) & np.isfinite(phi).all(0) & np.isfinite(psi).all(0))
         ang = np.stack([phi[:, cols], psi[:, cols]], axis=-1).reshape(-1, 2)
         if len(ang) >= min_samples:
-            density = _PeriodicDensity(ang, bins, sigma_bins)
-            ref.rama[cls] = (density, float(np.percentile(density.logpdf(ang), lower)))
+            ref.rama[cls] = _density_and_threshold(periodic_histogram(ang, bins), sigma_bins, lower)
+            ref.rama_source[cls] = "reference"
 
     chi1, chi2 = sidechain_dihedrals(reference)
     names = np.array([canonical_residue_name(r.name)
@@ -389,15 +490,157 @@ def fit_dihedral_reference(reference: md.Trajectory, percentile: float = 99.0,
             ang = chi1[:, cols].reshape(-1, 1)
         if len(ang) < min_samples:
             continue
-        fit_on = ang
+        flipped = None
         if two_d and name in _SYMMETRIC_CHI2:
-            flipped = ang.copy()
-            flipped[:, 1] = (flipped[:, 1] + 2 * np.pi) % (2 * np.pi) - np.pi
-            fit_on = np.concatenate([ang, flipped])
-        density = _PeriodicDensity(fit_on, bins, sigma_bins)
-        threshold = float(np.percentile(density.logpdf(ang), lower))
+            turned = ang.copy()
+            turned[:, 1] = (turned[:, 1] + 2 * np.pi) % (2 * np.pi) - np.pi
+            flipped = periodic_histogram(turned, bins)
+        density, threshold = _density_and_threshold(periodic_histogram(ang, bins), sigma_bins,
+                                                    lower, flipped)
         ref.rotamer[name] = (density, threshold, 2 if two_d else 1)
+        ref.rotamer_source[name] = "reference"
     return ref
+
+
+def dihedral_reference_from_counts(rama_counts: dict, rotamer_counts: dict,
+                                   percentile: float = 99.0, sigma_deg: float = 10.0,
+                                   min_samples: int = 50,
+                                   source: str = "bundled") -> DihedralReference:
+    """Densities and outlier thresholds from raw histogram counts (a pooled library).
+
+    Parameters
+    ----------
+    rama_counts : dict of str -> np.ndarray, shape=(bins, bins), int
+        (φ, ψ) counts per Ramachandran class, binned by :func:`periodic_histogram`.
+    rotamer_counts : dict of str -> np.ndarray, shape=(bins, bins) or (bins,), int
+        (χ1, χ2) or χ1 counts per residue type; the array's dimension is the rotamer's.
+        χ2 of Asp, Phe and Tyr is symmetrised here (the counts are of the raw angles).
+    percentile : float
+        Library samples below the (100 - percentile)-th percentile of their own density are
+        outliers (default 99: 1% of library residues, as in MolProbity).
+    sigma_deg : float, degrees
+        Width of the periodic Gaussian smoothing.
+    min_samples : int
+        Classes and residue types with fewer samples are left out (not judged).
+    source : str
+        Recorded in ``rama_source`` / ``rotamer_source``.
+
+    Returns
+    -------
+    DihedralReference
+    """
+    lower = 100.0 - percentile
+    ref = DihedralReference(percentile=percentile)
+    for cls, counts in sorted(rama_counts.items()):
+        if counts.sum() < min_samples:
+            continue
+        sigma_bins = sigma_deg / (360.0 / counts.shape[0])
+        ref.rama[cls] = _density_and_threshold(counts, sigma_bins, lower)
+        ref.rama_source[cls] = source
+    for name, counts in sorted(rotamer_counts.items()):
+        if counts.sum() < min_samples:
+            continue
+        sigma_bins = sigma_deg / (360.0 / counts.shape[0])
+        flipped = None
+        if counts.ndim == 2 and name in _SYMMETRIC_CHI2:
+            if counts.shape[1] % 2:
+                raise ValueError(f"rotamer counts of {name} have an odd number of χ2 bins "
+                                 f"({counts.shape[1]}); the 180° symmetry needs an even number.")
+            # χ2 + 180° is a shift by exactly half the bins on this grid
+            flipped = np.roll(counts, counts.shape[1] // 2, axis=1)
+        density, threshold = _density_and_threshold(counts, sigma_bins, lower, flipped)
+        ref.rotamer[name] = (density, threshold, counts.ndim)
+        ref.rotamer_source[name] = source
+    return ref
+
+
+@functools.lru_cache(maxsize=4)
+def _read_dihedral_library(path: str, mtime_ns: int) -> tuple[dict, dict, dict, str]:
+    """(rama counts, rotamer counts, provenance, sha256) of a library file; cached per version."""
+    raw = Path(path).read_bytes()
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if "provenance" not in arrays:
+        raise ValueError(f"dihedral library '{path}' has no provenance record; rebuild it with "
+                         "training/build_dihedral_reference.py.")
+    provenance = json.loads(str(arrays.pop("provenance")))
+    rama = {k[len("rama_"):]: v for k, v in arrays.items() if k.startswith("rama_")}
+    rotamer = {k[len("rotamer_"):]: v for k, v in arrays.items() if k.startswith("rotamer_")}
+    for v in (*rama.values(), *rotamer.values()):
+        v.flags.writeable = False
+    return rama, rotamer, provenance, hashlib.sha256(raw).hexdigest()
+
+
+def bundled_dihedral_reference(percentile: float = 99.0, sigma_deg: float = 10.0,
+                               min_samples: int = 50,
+                               path: str | Path | None = None) -> DihedralReference:
+    """The pooled, protein-independent dihedral library shipped with the package.
+
+    Parameters
+    ----------
+    percentile : float
+        Library residues below the (100 - percentile)-th percentile of their own density are
+        outliers (default 99: 1%, MolProbity's convention).
+    sigma_deg : float, degrees
+        Width of the periodic Gaussian smoothing of the stored raw counts.
+    min_samples : int
+        Classes and residue types with fewer library samples are left out.
+    path : str or Path, optional
+        Another library file written by training/build_dihedral_reference.py; default
+        :data:`BUNDLED_DIHEDRAL_REFERENCE`.
+
+    Returns
+    -------
+    DihedralReference
+        Densities marked ``"bundled"``; ``library`` names the file, its sha256 and what went in.
+    """
+    path = Path(BUNDLED_DIHEDRAL_REFERENCE if path is None else path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"dihedral library '{path}' does not exist; rebuild it with "
+            "`python training/build_dihedral_reference.py` or pass dihedrals='reference'.")
+    rama, rotamer, provenance, sha256 = _read_dihedral_library(str(path), path.stat().st_mtime_ns)
+    ref = dihedral_reference_from_counts(rama, rotamer, percentile, sigma_deg, min_samples,
+                                         source="bundled")
+    ref.library = {
+        "file": path.name,
+        "sha256": sha256,
+        "built": provenance.get("built"),
+        "n_structures": len(provenance.get("structures", [])),
+        "n_md_frames": sum(r.get("n_frames_used", 0) for r in provenance.get("md_runs", [])),
+        "sigma_deg": sigma_deg,
+    }
+    return ref
+
+
+def _dihedral_densities(reference: md.Trajectory, percentile: float, dihedrals,
+                        density_kwargs: dict) -> DihedralReference:
+    """The densities :func:`fit_allatom_criteria` judges with (see its ``dihedrals``)."""
+    if isinstance(dihedrals, str) and dihedrals == "reference":
+        return fit_dihedral_reference(reference, percentile, **density_kwargs)
+    if isinstance(dihedrals, DihedralReference):
+        library = dihedrals
+    elif isinstance(dihedrals, str) and dihedrals == "bundled":
+        library = bundled_dihedral_reference(
+            percentile, sigma_deg=density_kwargs.get("sigma_deg", 10.0),
+            min_samples=density_kwargs.get("min_samples", 50))
+        bins = {d.bins for d, *_ in (*library.rama.values(), *library.rotamer.values())}
+        if "bins" in density_kwargs and bins != {density_kwargs["bins"]}:
+            raise ValueError(f"bins={density_kwargs['bins']} differs from the bundled library's "
+                             f"{sorted(bins)}; drop bins or pass dihedrals='reference'.")
+    else:
+        raise ValueError(f"dihedrals={dihedrals!r} is not 'bundled', 'reference' or a "
+                         "DihedralReference; pick one of those.")
+    fitted = fit_dihedral_reference(reference, percentile, **density_kwargs)
+    # library first; the reference fills in classes / residue types the library cannot judge
+    return DihedralReference(
+        rama={**fitted.rama, **library.rama},
+        rotamer={**fitted.rotamer, **library.rotamer},
+        percentile=percentile,
+        rama_source={**fitted.rama_source, **library.rama_source},
+        rotamer_source={**fitted.rotamer_source, **library.rotamer_source},
+        library=library.library,
+    )
 
 
 @dataclass
@@ -407,6 +650,7 @@ class AllAtomCriteria:
     Attributes
     ----------
     dihedrals : DihedralReference
+        What is allowed: (φ, ψ) and χ densities (by default the bundled library).
     max_clashscore : float
         Clashes per 1000 heavy atoms allowed in a frame.
     max_rama_fraction, max_rotamer_fraction : float
@@ -427,7 +671,7 @@ class AllAtomCriteria:
     percentile: float = 99.0
 
     def as_dict(self) -> dict:
-        """The thresholds as plain numbers, for reports."""
+        """The thresholds as plain numbers, and where the dihedral densities came from."""
         return {
             "percentile": self.percentile,
             "max_clashscore_per_1000_atoms": self.max_clashscore,
@@ -438,6 +682,7 @@ class AllAtomCriteria:
             "hbond_min_distance_nm": HBOND_MIN_NM,
             "ramachandran_classes_judged": sorted(self.dihedrals.rama),
             "rotamer_residue_types_judged": sorted(self.dihedrals.rotamer),
+            **self.dihedrals.describe(),
         }
 
 
@@ -462,20 +707,33 @@ def _outlier_fraction(outlier: np.ndarray, judged: np.ndarray) -> np.ndarray:
 
 def fit_allatom_criteria(reference: md.Trajectory, percentile: float = 99.0,
                          peptide_bond_nm: float = PEPTIDE_BOND_NM,
+                         dihedrals: str | DihedralReference = "bundled",
                          **density_kwargs) -> AllAtomCriteria:
     """Fit all-atom validity thresholds on the reference MD (the oracle).
+
+    The dihedral densities say which (φ, ψ) and χ values are allowed; the reference MD says how
+    many outliers, clashes and how long a peptide bond a frame of this protein may have (its
+    ``percentile`` of each per-frame score).
 
     Parameters
     ----------
     reference : mdtraj.Trajectory
         All-atom reference MD; frame 0 is the initial structure.
     percentile : float
-        Percentile of the reference's per-frame scores used as the pass threshold (default 99).
+        Percentile of the reference's per-frame scores used as the pass threshold (default 99);
+        also sets the density outlier level (100 - percentile)% of the densities' own samples.
     peptide_bond_nm : float, nm
         Peptide C-N threshold (default 0.140 nm); raised to the reference's ``percentile`` of the
         per-frame longest peptide bond when that is longer, so the MD oracle itself passes.
+    dihedrals : {"bundled", "reference"} or DihedralReference
+        "bundled" (default): the pooled library shipped with the package
+        (:func:`bundled_dihedral_reference`), with densities fitted on the reference for any
+        Ramachandran class or residue type it cannot judge. "reference": densities fitted on the
+        reference MD alone (:func:`fit_dihedral_reference`; the behaviour before the library).
+        A DihedralReference: used like the bundled library, with the same fallback.
     **density_kwargs
-        Passed to :func:`fit_dihedral_reference` (``bins``, ``sigma_deg``, ``min_samples``).
+        ``bins``, ``sigma_deg``, ``min_samples`` for :func:`fit_dihedral_reference` (and
+        ``sigma_deg``, ``min_samples`` for the bundled library, whose bins are fixed at 36).
 
     Returns
     -------
@@ -484,7 +742,7 @@ def fit_allatom_criteria(reference: md.Trajectory, percentile: float = 99.0,
     if not is_all_atom(reference.topology):
         raise ValueError("the reference has no full backbone and side chains; all-atom "
                          "criteria need an all-atom reference trajectory.")
-    dihedrals = fit_dihedral_reference(reference, percentile, **density_kwargs)
+    dihedrals = _dihedral_densities(reference, percentile, dihedrals, density_kwargs)
     rama = _outlier_fraction(*dihedrals.ramachandran_outliers(reference))
     rot = _outlier_fraction(*dihedrals.rotamer_outliers(reference))
     clash = heavy_atom_clashscore(reference)

@@ -65,10 +65,13 @@ class ModelConfig(JsonConfig):
         The frame each residue's predicted x0 is a rigid update of. "noisy" is FrameDiff's
         choice: x0 = noisy frame ∘ update, so at high noise the network must place every residue
         absolutely. "previous" (default) anchors the update on the same residue's frame in the
-        previous clean history slot, as the model sees it (contextual noise included): x0 =
-        previous ∘ update, so an untrained or unsure network predicts "no motion", and what it
-        learns is motion and local repair, which transfers across proteins. A noisy frame with
-        no previous clean frame (frame 0 of a training window) falls back to "noisy".
+        previous history frame *before* contextual noise (the MD frame in training, the last
+        generated frame at inference): x0 = previous ∘ update, so an untrained or unsure network
+        predicts "no motion", and what it learns is motion, which transfers across proteins. The
+        trunk still sees only the noised history; anchoring on the noised frame instead was
+        measured to turn the contextual noise into a random walk of every residue (chains blew
+        up to a mean Cα–Cα of 8–10 Å within 10 frames). A noisy frame with no previous frame
+        (frame 0 of a training window) falls back to "noisy".
         Checkpoints written before this option existed load as "noisy".
     """
 

@@ -61,8 +61,8 @@ class Rollout:
         Residue and chain embeddings.
     residue_angles : torch.Tensor, shape (B, N, d/4), float64
         RoPE angles of the residue positions.
-    last_clean : Rigid or None, batch shape (B, N), nm
-        The last appended clean frame as the model saw it: the x0 anchor of the next noisy
+    anchor : Rigid or None, batch shape (B, N), nm
+        The last appended clean frame before contextual noise: the x0 anchor of the next noisy
         frame when ``config.x0_anchor == "previous"``.
     """
 
@@ -72,7 +72,7 @@ class Rollout:
     origin: torch.Tensor | None
     token_base: torch.Tensor
     residue_angles: torch.Tensor
-    last_clean: Rigid | None = None
+    anchor: Rigid | None = None
 
     @property
     def n_frames(self) -> int:
@@ -222,6 +222,15 @@ class StarMDNetwork(nn.Module):
         x = self._trunk(x, cond, frames.rots, trans, cos, sin, context)
         if self.config.x0_anchor == "previous":
             slots = self.anchor_slots(sequence.frame_index, sequence.noisy)
+            if sequence.anchor_frames is not None:
+                self._check_finite(sequence.anchor_frames, mask, "sequence.anchor_frames")
+                anchors = self._prepare_frames(sequence.anchor_frames, mask)
+                # clean slots anchor with their un-noised frames; a noisy slot without a
+                # predecessor keeps its own (noisy) input as the anchor
+                noisy = sequence.noisy
+                rots = torch.where(noisy[:, None, None, None], frames.rots, anchors.rots)
+                trans = torch.where(noisy[:, None, None], frames.trans, anchors.trans)
+                frames = Rigid(rots, trans)
             frames = Rigid(frames.rots[:, slots], frames.trans[:, slots])
         return self._head(x, cond, frames)
 
@@ -281,11 +290,9 @@ class StarMDNetwork(nn.Module):
         cos, sin = rope_tables(rollout.residue_angles, frame_angles, self.dtype)
         context = CachedContext(rollout.cache, frame, noisy, mask)
         x = self._trunk(x, cond, rots, trans, cos, sin, context)
-        if not noisy:
-            rollout.last_clean = frames
         return x, cond, Rigid(rots, frames.trans[:, None])
 
-    def append_clean(self, rollout: Rollout, frames: Rigid, tau) -> None:
+    def append_clean(self, rollout: Rollout, frames: Rigid, tau, anchor: Rigid | None = None) -> None:
         """Append one clean history frame to the rollout's KV cache.
 
         Parameters
@@ -295,8 +302,14 @@ class StarMDNetwork(nn.Module):
             The frame as the model should see it (contextual noise already applied).
         tau : float or torch.Tensor of shape (B,)
             Its context-noise level.
+        anchor : Rigid, batch shape (B, N), nm, optional
+            The same frame before contextual noise: the x0 anchor of the next noisy frame
+            (``x0_anchor="previous"``); default ``frames``.
         """
         self._check_finite(frames, rollout.residues.mask, "history frames")
+        if anchor is not None:
+            self._check_finite(anchor, rollout.residues.mask, "history anchor frames")
+        rollout.anchor = self._prepare_frames(anchor if anchor is not None else frames, rollout.residues.mask)
         frame = rollout.cache.next_frame()
         tau = torch.as_tensor(tau, dtype=torch.float64, device=rollout.dt_ns.device).reshape(-1).expand(rollout.dt_ns.shape)
         self._slot_pass(rollout, frames, tau, noisy=False, frame=frame)
@@ -320,7 +333,7 @@ class StarMDNetwork(nn.Module):
         frame = rollout.cache.next_frame()
         t = torch.as_tensor(t, dtype=torch.float64, device=rollout.dt_ns.device).reshape(-1).expand(rollout.dt_ns.shape)
         x, cond, frames = self._slot_pass(rollout, noisy, t, noisy=True, frame=frame)
-        if self.config.x0_anchor == "previous" and rollout.last_clean is not None:
-            frames = Rigid(rollout.last_clean.rots[:, None], rollout.last_clean.trans[:, None])
+        if self.config.x0_anchor == "previous" and rollout.anchor is not None:
+            frames = Rigid(rollout.anchor.rots[:, None], rollout.anchor.trans[:, None])
         out = self._head(x, cond, frames)
         return Rigid(out.rots[:, 0], out.trans[:, 0])

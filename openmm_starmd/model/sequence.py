@@ -135,6 +135,9 @@ class TokenSequence:
     noise_level : torch.Tensor, shape (B, S)
         t for noisy slots, τ for clean slots.
     dt_ns : torch.Tensor, shape (B,), ns
+    anchor_frames : Rigid or None, batch shape (B, S, N)
+        The slots' frames before contextual noise (clean slots: the MD frames), the x0 anchors
+        of ``ModelConfig.x0_anchor = "previous"``; None means ``frames``.
     """
 
     frames: Rigid
@@ -142,6 +145,7 @@ class TokenSequence:
     noisy: torch.Tensor
     noise_level: torch.Tensor
     dt_ns: torch.Tensor
+    anchor_frames: Rigid | None = None
 
 
 @dataclass
@@ -291,6 +295,7 @@ def training_sequence(
         noisy=is_noisy,
         noise_level=torch.cat([tau, t], dim=1),
         dt_ns=dt_ns,
+        anchor_frames=cat_frames([clean, noisy], dim=1),
     )
     targets = DiffusionTargets(clean, origins, t, noisy_shifted, rot_score, trans_score)
     return sequence, targets

@@ -59,8 +59,13 @@ def random_rigid_motion(dtype=torch.float64, seed: int = 1):
     return random_rotations((), generator=g, dtype=dtype), torch.randn(3, generator=g, dtype=dtype) * 3.0
 
 
-def training_layout(frames: Rigid, L: int, start: int = 0, seed: int = 0, batch: int = 1, dt_ns: float = 0.1):
-    """A [clean 0..L-1, noisy 0..L-1] sequence from real frames, noisy frames = real + noise."""
+def training_layout(frames: Rigid, L: int, start: int = 0, seed: int = 0, batch: int = 1, dt_ns: float = 0.1,
+                    context_noise_nm: float = 0.0):
+    """A [clean 0..L-1, noisy 0..L-1] sequence from real frames, noisy frames = real + noise.
+
+    ``context_noise_nm > 0`` perturbs the clean slots' frames (a stand-in for contextual noise)
+    and records the unperturbed ones as ``anchor_frames``.
+    """
     g = torch.Generator().manual_seed(seed)
     dtype = frames.trans.dtype
     clean = Rigid(frames.rots[start : start + L], frames.trans[start : start + L])
@@ -72,12 +77,20 @@ def training_layout(frames: Rigid, L: int, start: int = 0, seed: int = 0, batch:
     rots = torch.cat([clean.rots.expand(batch, L, N, 3, 3), rots_n], 1)
     trans = torch.cat([clean.trans.expand(batch, L, N, 3), trans_n], 1)
     level = torch.rand(batch, 2 * L, generator=g, dtype=dtype)
+    anchors = None
+    if context_noise_nm > 0:
+        anchors = Rigid(rots.clone(), trans.clone())
+        rots = rots.clone()
+        trans = trans.clone()
+        rots[:, :L] = exp_map(0.1 * torch.randn(batch, L, N, 3, generator=g, dtype=dtype)) @ rots[:, :L]
+        trans[:, :L] = trans[:, :L] + context_noise_nm * torch.randn(batch, L, N, 3, generator=g, dtype=dtype)
     return TokenSequence(
         frames=Rigid(rots, trans),
         frame_index=torch.arange(L).repeat(2),
         noisy=torch.arange(2 * L) >= L,
         noise_level=level,
         dt_ns=torch.full((batch,), dt_ns, dtype=dtype),
+        anchor_frames=anchors,
     )
 
 

@@ -24,7 +24,8 @@ def _rollout_vs_full(net, res, seq, L, mode, window):
             x0 = net.denoise(rollout, _slot(seq.frames, L + l), seq.noise_level[:, L + l])
             worst = max(worst, (x0.trans - full.trans[:, L + l]).abs().max().item(),
                         (x0.rots - full.rots[:, L + l]).abs().max().item())
-            net.append_clean(rollout, _slot(seq.frames, l), seq.noise_level[:, l])
+            anchor = None if seq.anchor_frames is None else _slot(seq.anchor_frames, l)
+            net.append_clean(rollout, _slot(seq.frames, l), seq.noise_level[:, l], anchor=anchor)
     assert rollout.n_frames == L
     return worst
 
@@ -34,7 +35,8 @@ def _rollout_vs_full(net, res, seq, L, mode, window):
 def test_cached_rollout_equals_block_causal_forward(short_md, layout, mode, window):
     L = 6
     net = random_network(ModelConfig(**LAYOUTS[layout]))
-    seq = training_layout(short_md["frames"], L, batch=2)
+    # history as the model sees it differs from the x0 anchors (the frames before contextual noise)
+    seq = training_layout(short_md["frames"], L, batch=2, context_noise_nm=0.05)
     mask = torch.ones(seq.frames.trans.shape[2], dtype=torch.bool)
     mask[[0, 17]] = False
     res = residues_of(short_md, batch=2, mask=mask)

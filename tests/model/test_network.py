@@ -151,6 +151,18 @@ def test_fresh_network_predicts_the_previous_clean_frame_under_the_previous_anch
     assert not torch.allclose(out.trans[:, 4], seq.frames.trans[:, 4])  # really not the noisy input
 
 
+def test_previous_anchor_is_the_frame_before_contextual_noise(short_md):
+    """With anchor_frames given, x0 of noisy frame f anchors on the un-noised frame f - 1, not on what the trunk saw."""
+    net = StarMDNetwork(ModelConfig(**TINY)).double()
+    seq = training_layout(short_md["frames"], 3, context_noise_nm=0.05)
+    with torch.no_grad():
+        out = net(residues_of(short_md), seq)
+    assert torch.allclose(out.trans[:, 4:], seq.anchor_frames.trans[:, :2])
+    assert torch.allclose(out.rots[:, 4:], seq.anchor_frames.rots[:, :2])
+    assert not torch.allclose(out.trans[:, 4:], seq.frames.trans[:, :2])
+    assert torch.allclose(out.trans[:, 3], seq.frames.trans[:, 3])  # frame 0: its own noisy input
+
+
 def test_old_configs_without_an_anchor_load_as_noisy():
     d = ModelConfig(**TINY).to_dict()
     del d["x0_anchor"]
