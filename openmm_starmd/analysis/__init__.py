@@ -4,7 +4,9 @@ Stateless functions over mdtraj Trajectories (or Cα coordinate arrays in nm), g
 
 - :mod:`.validity` — Cα clashes and chain breaks, energy validity, validity along time.
 - :mod:`.stereochemistry` — all-atom checks: peptide bonds, heavy-atom clashscore,
-  Ramachandran and rotamer outliers against densities estimated from the reference MD.
+  Ramachandran and rotamer outliers against a pooled dihedral library built from real structures
+  (``data/dihedral_reference.npz``, training/build_dihedral_reference.py), per-frame thresholds
+  at the reference MD's 99th percentile.
 - :mod:`.coverage` — PCA JSD and recall, RMSF and its correlation, pairwise RMSD, PCA W2,
   weak/transient contact Jaccard.
 - :mod:`.dynamics` — TICA at a lag in ns, TIC0 statistics, RMSD vs lag, PC-space
@@ -26,7 +28,8 @@ from .dynamics import (DynamicsComparison, TICAModel, autocorrelation, compare_d
 from .inputs import InputError, check_same_protein, load_trajectory, protein_sequence
 from .report import PLOT_FILES, evaluate, evaluate_many, summary_table
 from .stereochemistry import (AllAtomCriteria, AllAtomValidity, DihedralReference,
-                              allatom_validity, backbone_dihedrals, fit_allatom_criteria,
+                              allatom_validity, backbone_dihedrals, bundled_dihedral_reference,
+                              fit_allatom_criteria,
                               fit_dihedral_reference, heavy_atom_clashscore, is_all_atom,
                               peptide_bond_lengths, sidechain_dihedrals)
 from .validity import (CaValidity, ca_breaks, ca_clashes, ca_validity, energy_validity,
@@ -44,7 +47,7 @@ __all__ = [
     "InputError", "check_same_protein", "load_trajectory", "protein_sequence",
     "PLOT_FILES", "evaluate", "evaluate_many", "summary_table",
     "AllAtomCriteria", "AllAtomValidity", "DihedralReference", "allatom_validity",
-    "backbone_dihedrals", "fit_allatom_criteria", "fit_dihedral_reference",
+    "backbone_dihedrals", "bundled_dihedral_reference", "fit_allatom_criteria", "fit_dihedral_reference",
     "heavy_atom_clashscore", "is_all_atom", "peptide_bond_lengths", "sidechain_dihedrals",
     "CaValidity", "ca_breaks", "ca_clashes", "ca_validity", "energy_validity",
     "validity_over_time",

@@ -75,19 +75,22 @@ def md_files(prepared_pdb, tmp_path_factory) -> dict:
     ff = app.ForceField("amber99sbildn.xml", "amber99_obc.xml")
     system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff,
                              constraints=app.HBonds, hydrogenMass=4 * u.amu)
-    integ = mm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond,
-                                        MD_STEP_FS * u.femtosecond)
-    sim = app.Simulation(pdb.topology, system, integ, mm.Platform.getPlatformByName("CPU"),
-                         {"Threads": "1"})
+
+    def simulation(seed):
+        # OpenMM reads the integrator's seed when the Context is created: set it before
+        integ = mm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, MD_STEP_FS * u.femtosecond)
+        integ.setRandomNumberSeed(seed)
+        return app.Simulation(pdb.topology, system, integ, mm.Platform.getPlatformByName("CPU"), {"Threads": "1"})
+
+    sim = simulation(1)
     sim.context.setPositions(pdb.positions)
     sim.minimizeEnergy(maxIterations=20)
     start = sim.context.getState(getPositions=True).getPositions()
     folder = tmp_path_factory.mktemp("md")
     paths = {"top": str(prepared_pdb), "dt_ns": MD_DT_NS}
     for name, seed in (("replica1", 11), ("replica2", 12)):
+        sim = simulation(seed)
         sim.context.setPositions(start)
-        sim.context.setTime(0.0)
-        integ.setRandomNumberSeed(seed)
         sim.context.setVelocitiesToTemperature(300 * u.kelvin, seed)
         xyz, energies = [], []
         for _ in range(MD_FRAMES):

@@ -218,7 +218,7 @@ def test_bundled_library_loads_without_pickle_and_covers_classes(library):
         provenance = json.loads(str(z["provenance"]))
         for cls in RAMACHANDRAN_CLASSES:
             assert z[f"rama_{cls}"].shape == (bins, bins)
-            assert z[f"rama_{cls}"].sum() == provenance["counts"]["rama"][cls] >= 300
+            assert z[f"rama_{cls}"].sum() == provenance["counts"]["rama"][cls] >= 250
         for name, dims in ROTAMER_DIMENSIONS.items():
             assert z[f"rotamer_{name}"].shape == (bins,) * dims
             assert z[f"rotamer_{name}"].sum() == provenance["counts"]["rotamer"][name] >= 100
@@ -334,28 +334,40 @@ def test_bundled_library_bins_are_fixed(md_pair):
         fit_allatom_criteria(md_pair[0][:3], dihedrals="molprobity")
 
 
-def test_independent_md_replica_passes_with_the_bundled_library(md_pair, criteria,
-                                                               reference_criteria):
-    """The MD oracle must pass: criteria fitted on replica 1 judge replica 2 of the same protein.
+def _judged_by_the_other_replica(md_pair, dihedrals):
+    """Each replica judged by criteria fitted on the other: (Ramachandran and rotamer residue
+    outlier rates, fraction of frames passing both dihedral checks, fraction valid), averaged
+    over the two directions."""
+    rates, dihedral_ok, valid = [], [], []
+    for ref, other in (md_pair, md_pair[::-1]):
+        crit = fit_allatom_criteria(ref, dihedrals=dihedrals)
+        rates.append([out[:, judged].mean() for out, judged in (
+            crit.dihedrals.ramachandran_outliers(other), crit.dihedrals.rotamer_outliers(other))])
+        v = allatom_validity(other, crit)
+        dihedral_ok.append((v.rama_ok & v.rotamer_ok).mean())
+        valid.append(v.valid.mean())
+    return np.mean(rates, axis=0), np.mean(dihedral_ok), np.mean(valid)
 
-    md_pair is two 40-frame (0.5 ps) crambin replicas whose random streams change every session,
-    so the bounds are set from 10 draws of the same protocol: with the bundled library, replica
-    2's residue outlier rates were 0.6% (max 1.1%) Ramachandran and 0.6% (max 1.8%) rotamer, and
-    0.87 of its frames valid (min 0.50; frame thresholds from 40 frames can be 0 outliers);
-    with densities fitted on replica 1 alone, 7.1% (min 4.3%) and 7.9% (min 4.9%), and 0.15 of
-    frames valid (max 0.40; the new criteria beat it by at least 0.37 in every draw).
+
+def test_independent_md_replica_passes_with_the_bundled_library(md_pair):
+    """The MD oracle must pass: criteria fitted on one replica judge the other replica.
+
+    md_pair is two 40-frame (0.5 ps) crambin replicas whose random streams change every session
+    (tests/analysis/conftest.py seeds the integrator after its Context exists), and frame
+    thresholds fitted on 40 frames are noisy, so the test averages both directions and its
+    bounds come from 24 draws of the same protocol. Fraction of frames passing both dihedral
+    checks: bundled library mean 0.92 (min 0.76), densities fitted on the other replica alone
+    mean 0.16 (max 0.36); the library won by at least 0.40 in every draw. Residue outlier rates
+    with the library (10 single-direction draws): 0.6% Ramachandran (max 1.1%) and 0.6% rotamer
+    (max 1.8%), against 7.1% (min 4.3%) and 7.9% (min 4.9%) for the reference-only densities.
     """
-    rep = md_pair[1]
-    new = allatom_validity(rep, criteria)
-    old = allatom_validity(rep, reference_criteria)
-    new_rates, old_rates = (
-        [out[:, judged].mean() for out, judged in (c.dihedrals.ramachandran_outliers(rep),
-                                                   c.dihedrals.rotamer_outliers(rep))]
-        for c in (criteria, reference_criteria))
+    new_rates, new_ok, new_valid = _judged_by_the_other_replica(md_pair, "bundled")
+    old_rates, old_ok, old_valid = _judged_by_the_other_replica(md_pair, "reference")
     # residue level: the library's 1% contour, not one replica's visited states
-    assert max(new_rates) <= 0.03 and all(n < o for n, o in zip(new_rates, old_rates))
-    assert new.rama_ok.mean() >= 0.6 and new.rotamer_ok.mean() >= 0.6
-    assert new.valid.mean() >= old.valid.mean() + 0.2
+    assert new_rates.max() <= 0.03 and (new_rates < old_rates).all()
+    # frame level: most frames of the other replica pass the dihedral checks
+    assert new_ok >= 0.6 and new_ok >= old_ok + 0.2
+    assert new_valid >= old_valid + 0.2
 
 
 def _finished_run(protein, replica):
