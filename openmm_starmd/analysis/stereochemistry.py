@@ -705,6 +705,22 @@ def _outlier_fraction(outlier: np.ndarray, judged: np.ndarray) -> np.ndarray:
     return outlier[:, judged].mean(axis=1)
 
 
+def _binomial_floor(n_judged: int, percentile: float) -> float:
+    """Outlier fraction a frame of ``n_judged`` library-typical residues reaches at ``percentile``.
+
+    Each residue is a density outlier with probability (100 - percentile)% by construction, so the
+    outlier count of a frame is Binomial(n, p); its ``percentile`` quantile over n is the least a
+    per-frame threshold should allow. Without this floor a short reference whose frames happen to
+    have no outliers sets the threshold to 0, and one residue at the boundary fails a frame.
+    """
+    if n_judged <= 0:
+        return 0.0
+    from scipy.stats import binom
+
+    p = (100.0 - percentile) / 100.0
+    return float(binom.ppf(percentile / 100.0, n_judged, p)) / n_judged
+
+
 def fit_allatom_criteria(reference: md.Trajectory, percentile: float = 99.0,
                          peptide_bond_nm: float = PEPTIDE_BOND_NM,
                          dihedrals: str | DihedralReference = "bundled",
@@ -713,7 +729,9 @@ def fit_allatom_criteria(reference: md.Trajectory, percentile: float = 99.0,
 
     The dihedral densities say which (φ, ψ) and χ values are allowed; the reference MD says how
     many outliers, clashes and how long a peptide bond a frame of this protein may have (its
-    ``percentile`` of each per-frame score).
+    ``percentile`` of each per-frame score). The outlier-fraction limits are at least the
+    ``percentile`` quantile of Binomial(n judged residues, (100 - percentile)%), the count a frame
+    of library-typical residues reaches, so a short reference cannot set them to zero.
 
     Parameters
     ----------
@@ -743,8 +761,10 @@ def fit_allatom_criteria(reference: md.Trajectory, percentile: float = 99.0,
         raise ValueError("the reference has no full backbone and side chains; all-atom "
                          "criteria need an all-atom reference trajectory.")
     dihedrals = _dihedral_densities(reference, percentile, dihedrals, density_kwargs)
-    rama = _outlier_fraction(*dihedrals.ramachandran_outliers(reference))
-    rot = _outlier_fraction(*dihedrals.rotamer_outliers(reference))
+    rama_out, rama_judged = dihedrals.ramachandran_outliers(reference)
+    rot_out, rot_judged = dihedrals.rotamer_outliers(reference)
+    rama = _outlier_fraction(rama_out, rama_judged)
+    rot = _outlier_fraction(rot_out, rot_judged)
     clash = heavy_atom_clashscore(reference)
     _, pos = peptide_bond_atoms(reference.topology)
     gaps = pos[peptide_bond_lengths(reference[0])[0] > PEPTIDE_GAP_NM]
@@ -759,8 +779,10 @@ def fit_allatom_criteria(reference: md.Trajectory, percentile: float = 99.0,
     return AllAtomCriteria(
         dihedrals=dihedrals,
         max_clashscore=float(np.percentile(clash, percentile)),
-        max_rama_fraction=float(np.percentile(rama, percentile)),
-        max_rotamer_fraction=float(np.percentile(rot, percentile)),
+        max_rama_fraction=max(float(np.percentile(rama, percentile)),
+                              _binomial_floor(int(rama_judged.sum()), percentile)),
+        max_rotamer_fraction=max(float(np.percentile(rot, percentile)),
+                                 _binomial_floor(int(rot_judged.sum()), percentile)),
         peptide_bond_nm=peptide_bond_nm,
         peptide_gaps=gaps,
         percentile=percentile,

@@ -389,3 +389,12 @@ def test_second_1ns_replica_passes_with_the_bundled_library():
     old = allatom_validity(r1, fit_allatom_criteria(r0, dihedrals="reference"))
     assert new.valid.mean() >= 0.9 and new.rotamer_ok.mean() >= 0.95
     assert old.rotamer_ok.mean() <= 0.5
+
+
+def test_outlier_fraction_limits_have_a_binomial_floor():
+    """1% of library residues are outliers, so a 34-residue frame reaches 2 outliers at the 99th percentile."""
+    from openmm_starmd.analysis.stereochemistry import _binomial_floor
+
+    assert _binomial_floor(34, 99.0) == pytest.approx(2 / 34)
+    assert _binomial_floor(0, 99.0) == 0.0
+    assert 0.01 < _binomial_floor(500, 99.0) < 0.04
