@@ -120,6 +120,11 @@ def test_auxiliary_terms_apply_only_at_small_t_and_weights_are_as_documented(win
     mixed = torch.tensor([[0.02, 0.5, 0.6], [0.7, 0.8, 0.9]], dtype=torch.float64)
     only = losses.starmd_loss(diffuser, pred, _targets(frames, mask, mixed), mask, chains)
     plain = losses.starmd_loss(diffuser, pred, _targets(frames, mask, mixed), mask, chains, losses.LossConfig(aux_weight=0.0))
+    assert math.isnan(float(only["bb_atom"]))  # the aux frame is frame 0, untrained by default
+    every = losses.LossConfig(first_frame_weight=1.0)
+    only = losses.starmd_loss(diffuser, pred, _targets(frames, mask, mixed), mask, chains, every)
+    plain = losses.starmd_loss(diffuser, pred, _targets(frames, mask, mixed), mask, chains,
+                               losses.LossConfig(aux_weight=0.0, first_frame_weight=1.0))
     extra = 0.25 * (only["bb_atom"] + only["dist_mat"]) / 6
     assert float(only["loss"] - plain["loss"]) == pytest.approx(float(extra), rel=1e-9)
 
@@ -139,7 +144,7 @@ def test_translation_score_loss_above_the_threshold(window):
     scale = diffuser.trans_score_scaling(t[..., None])[..., None]
     per_res = (((s_pred - targets.trans_score) / scale) ** 2).sum(-1)
     m = mask[:, None].expand(2, 3, -1).double()
-    manual = ((per_res * m).sum(-1) / m.sum(-1)).mean()
+    manual = ((per_res * m).sum(-1) / m.sum(-1))[:, 1:].mean()  # frame 0 is not trained by default
     assert float(out["trans"]) == pytest.approx(float(manual), rel=1e-9)
     x0 = losses.starmd_loss(diffuser, pred, targets, mask, chains)
     assert float(out["trans"]) != pytest.approx(float(x0["trans"]))
@@ -160,3 +165,24 @@ def test_masked_residues_do_not_count(window):
 def test_bad_weights_are_refused():
     with pytest.raises(ValueError, match="rot_weight"):
         losses.LossConfig(rot_weight=-1.0)
+
+
+def test_frame_zero_has_no_history_and_is_not_trained_by_default(window):
+    """first_frame_weight=0: frame 0's prediction does not touch the loss; 1 trains it like the others."""
+    frames, mask, chains = window
+    diffuser = SE3Diffuser()
+    t = torch.tensor([[0.3, 0.6, 0.9], [0.4, 0.5, 0.8]], dtype=torch.float64)
+    targets = _targets(frames, mask, t)
+    trans = frames.trans.clone().requires_grad_(True)
+    out = losses.starmd_loss(diffuser, Rigid(frames.rots, trans + 0.01), targets, mask, chains)
+    out["loss"].backward()
+    assert trans.grad[:, 0].abs().max() == 0 and trans.grad[:, 1:].abs().max() > 0
+    wrecked = frames.trans.clone()
+    wrecked[:, 0] += 5.0
+    base = losses.starmd_loss(diffuser, Rigid(frames.rots, frames.trans + 0.01), targets, mask, chains)["loss"]
+    moved = losses.starmd_loss(diffuser, Rigid(frames.rots, wrecked + 0.01), targets, mask, chains)["loss"]
+    assert float(moved) == pytest.approx(float(base), rel=1e-12)
+    every = losses.LossConfig(first_frame_weight=1.0)
+    assert float(losses.starmd_loss(diffuser, Rigid(frames.rots, wrecked + 0.01), targets, mask, chains, every)["loss"]) > float(base)
+    with pytest.raises(ValueError, match="first_frame_weight"):
+        losses.LossConfig(first_frame_weight=-1.0)
