@@ -26,7 +26,7 @@ def _shard(name, n_frames, n_res, spacing=0.01, replica=0, chains=None):
 
 
 def test_window_is_a_strided_slice_of_one_trajectory():
-    s = data.WindowSampler([_shard("p", 1001, 12)], window=5, seed=0)
+    s = data.WindowSampler([_shard("p", 1001, 12)], window=5, seed=0, fit=False)
     for _ in range(200):
         ex = s.sample_one()
         frames = ex["coords_nm"][:, 0, 0, 0]
@@ -121,3 +121,47 @@ def test_on_real_md_shard(short_run):
     assert np.isfinite(batch["coords_nm"]).all() and batch["mask"].all()
     ca_n = np.linalg.norm(batch["coords_nm"][..., 1, :] - batch["coords_nm"][..., 0, :], axis=-1)
     np.testing.assert_allclose(ca_n, 0.146, atol=0.01)  # N-CA bond length, nm
+
+
+def _real_md_shard():
+    import json
+
+    from openmm_starmd.data import load_shard
+    from training_helpers import TRAINING
+
+    manifest = json.loads((TRAINING / "data" / "manifest.json").read_text())
+    e = next(e for e in manifest["shards"] if e["protein"] == "neopetrosiamide")
+    return load_shard(str(TRAINING / "data" / e["file"]), e["sha256"])
+
+
+def test_fit_window_undoes_rigid_motion_exactly_and_keeps_internal_geometry():
+    shard = _real_md_shard()
+    x = shard.coords_nm[:4].astype(np.float64)
+    rng = np.random.default_rng(0)
+    moved = x.copy()
+    for l in range(1, 4):
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        q *= np.sign(np.linalg.det(q))
+        moved[l] = x[l] @ q + rng.normal(size=3)
+    fit_raw = data.fit_window(x, shard.residue_mask)
+    fit_moved = data.fit_window(moved, shard.residue_mask)
+    np.testing.assert_allclose(fit_moved, fit_raw, atol=2e-5)  # the fit does not see rigid motion
+    np.testing.assert_array_equal(fit_raw[0], x[0].astype(np.float32))
+    d = lambda c: np.linalg.norm(c[:, :, None, 1] - c[:, None, :, 1], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(d(fit_raw), d(x), atol=2e-5)
+
+
+def test_sampled_windows_are_fitted_and_move_far_less_than_raw_md():
+    """Raw implicit-solvent MD tumbles; fitted windows keep only internal motion (as ATLAS's _fit.xtc)."""
+    shard = _real_md_shard()
+
+    def msd(fit):
+        s = data.WindowSampler([shard], window=8, dt_range_ns=(0.01, 0.14), seed=3, fit=fit)
+        out = []
+        for _ in range(40):
+            ca = s.sample_one()["coords_nm"][:, :, 1].astype(np.float64)
+            out.append(((ca[1:] - ca[:-1]) ** 2).sum(-1).mean())
+        return float(np.mean(out))
+
+    raw, fitted = msd(False), msd(True)
+    assert fitted < 0.5 * raw, (raw, fitted)
