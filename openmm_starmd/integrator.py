@@ -372,6 +372,14 @@ class StarMDIntegrator(openmm.CustomIntegrator):
                 loaded = spec
             self._generator = _network_and_diffuser(loaded)
             self._model_sampling = getattr(loaded, "sampling_config", None)
+            trained = (getattr(loaded, "metadata", None) or {}).get("trained_dt_ns")
+            if trained and not trained[0] / 1.5 <= self._dt_ns <= trained[1] * 1.5:
+                warnings.warn(
+                    f"dt={self._dt_ns:g} ns is outside the Δt range this model's training data covered "
+                    f"({trained[0]:g}-{trained[1]:g} ns, see its model card): the frames are an extrapolation. "
+                    "Choose a dt in that range, or a model trained on longer trajectories.",
+                    stacklevel=3,
+                )
         return self._generator
 
     def _setup(self, positions_nm: np.ndarray) -> None:

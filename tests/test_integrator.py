@@ -295,6 +295,19 @@ def test_model_from_a_checkpoint_brings_its_sampling_config(fragment, tmp_path):
         StarMDIntegrator(model=tmp_path / "missing.pt")
 
 
+def test_dt_outside_the_models_trained_range_warns(tmp_path):
+    from openmm_starmd.checkpoints import save_model
+    from openmm_starmd.diffusion import DiffusionConfig
+
+    network, _ = tiny_model()
+    path = save_model(tmp_path / "tiny.pt", network, DiffusionConfig(), metadata={"trained_dt_ns": [0.01, 0.14]})
+    with pytest.warns(UserWarning, match=r"outside the Δt range this model's training data covered \(0.01-0.14 ns"):
+        StarMDIntegrator(dt=1 * unit.nanoseconds, model=path, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StarMDIntegrator(dt=0.1 * unit.nanoseconds, model=path, device="cpu")
+
+
 def test_run_for_clock_time_leaves_current_positions(fragment):
     """runForClockTime may stop after any chunk, so every chunk ends with a backmap."""
     sim = fragment.simulation(integrator(backmap="none"))

@@ -9,6 +9,7 @@ never happened. The model file is what ``openmm_starmd.checkpoints.load_model`` 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def export(checkpoint, out, note: str | None = None) -> Path:
         "weights": "ema", "ema_decay": cfg.ema_decay, "steps": int(payload["step"]), "total_steps": cfg.steps,
         "train_config": cfg.to_dict(), "exported_from": str(checkpoint),
     }
+    if "coverage" in payload:  # training proteins and the Δt range their windows covered
+        metadata.update(json.loads(payload["coverage"]))
     if note:
         metadata["note"] = note
     return save_model(out, net.eval(), d, SamplingConfig(t_min=d.t_min, context_tau_max=d.context_tau_max), metadata)

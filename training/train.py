@@ -589,6 +589,9 @@ class Trainer:
         self.data_fingerprint = _fingerprint(train_entries)
         self.train_proteins = sorted({e["protein"] for e in train_entries})
         self.batches = RankBatches(train_shards, cfg, self.info)
+        supports = [self.batches.sampler.dt_support_ns(s) for s in train_shards]
+        #: the Δt range the training windows really covered (ns), recorded in exported models
+        self.trained_dt_ns = [min(lo for lo, _ in supports), max(hi for _, hi in supports)]
         self.val_batches = self._validation_windows(manifest)
 
         # ---- model, diffusion, loss, optimiser
@@ -690,6 +693,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "data": {**self.batches.state_dict(), "shards": json.dumps(self.data_fingerprint)},
+                "coverage": json.dumps({"train_proteins": self.train_proteins, "trained_dt_ns": self.trained_dt_ns}),
                 "rng": [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in rng],
             }
             _atomic_torch_save(payload, path)
@@ -709,7 +713,7 @@ class Trainer:
         metadata = {
             "weights": "ema", "ema_decay": self.cfg.ema_decay, "steps": self.step, "total_steps": self.cfg.steps,
             "train_proteins": self.train_proteins, "val_loss": self.val_history[-1][1] if self.val_history else None,
-            "train_config": self.cfg.to_dict(),
+            "trained_dt_ns": self.trained_dt_ns, "train_config": self.cfg.to_dict(),
         }
         shadow = copy.deepcopy(self.ema.shadow).cpu()
         return save_model(path, shadow, d, SamplingConfig(t_min=d.t_min, context_tau_max=d.context_tau_max), metadata)
