@@ -46,7 +46,6 @@ larger ``--time-ns`` extends a finished run (1 μs → 10 μs). The summary (``l
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -72,6 +71,7 @@ from openmm_starmd.analysis.validity import (CA_BREAK_NM, CA_CLASH_NM, broken_pa
 from openmm_starmd.analysis.alignment import ca_indices  # noqa: E402
 from openmm_starmd.backmap import BACKMAP_MODES, Backmapper, BackmapError, atom_layout  # noqa: E402
 from openmm_starmd.checkpoints import bundled_model_path, load_model  # noqa: E402
+from openmm_starmd.data import sha256_file  # noqa: E402
 from openmm_starmd.geometry.frames import frames_from_backbone  # noqa: E402
 from openmm_starmd.geometry.rigid import Rigid  # noqa: E402
 from openmm_starmd.prepare import prepare_protein  # noqa: E402
@@ -107,13 +107,6 @@ def structure_of(name: str, plan: dict) -> tuple[Path, dict]:
     return found[0], {}
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pick_platform(name: str, threads: int) -> tuple[openmm.Platform, dict]:
@@ -639,7 +632,7 @@ def run_protein(name: str, loaded, args, platform, props, results: dict, meta: d
     folder = args.out / name
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "state.npz"
-    fingerprint = {**args.fingerprint, "protein": name, "structure_sha256": file_sha256(setup.structure),
+    fingerprint = {**args.fingerprint, "protein": name, "structure_sha256": sha256_file(setup.structure),
                    "prepare_options": setup.prepare_options}
     sampler = make_sampler(loaded, setup, args)
     target = args.total_frames
@@ -762,7 +755,7 @@ def main(argv=None) -> int:
 
     model_path = Path(args.model) if args.model else bundled_model_path()
     loaded = load_model(model_path, device=args.torch_device)
-    model_sha = file_sha256(model_path)
+    model_sha = sha256_file(model_path)
     config = loaded.sampling_config.to_dict()
     if args.steps is not None:
         config["steps"] = args.steps

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import difflib
-import hashlib
 import io
 import json
 import os
@@ -50,6 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from openmm_starmd.analysis.inputs import canonical_residue_name
+from openmm_starmd.data import sha256_file
 from openmm_starmd.analysis.stereochemistry import (PEPTIDE_GAP_NM, RAMACHANDRAN_CLASSES,
                                                     ROTAMER_DIMENSIONS, backbone_dihedrals,
                                                     peptide_bond_atoms, peptide_bond_lengths,
@@ -91,13 +91,6 @@ SIDECHAIN_HEAVY = {
 }
 
 
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def relpath(path: str) -> str:

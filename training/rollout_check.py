@@ -40,7 +40,6 @@ from openmm_starmd.analysis.validity import CA_BREAK_NM, CA_CLASH_NM  # noqa: E4
 from openmm_starmd.checkpoints import load_model  # noqa: E402
 from openmm_starmd.data import load_shard  # noqa: E402
 from openmm_starmd.geometry.frames import frames_from_backbone  # noqa: E402
-from openmm_starmd.geometry.rigid import Rigid  # noqa: E402
 from openmm_starmd.sampling import AutoregressiveSampler  # noqa: E402
 
 DEFAULT_MANIFEST = os.path.join(HERE, "data", "manifest.json")
