@@ -120,6 +120,10 @@ def test_contextual_noise_reaches_the_clean_history_and_never_the_noisy_frames(m
     assert (tau > 0).all() and (tau <= 0.1).all()
     shift = (seq_on.frames.trans[:, :L] - clean.trans).norm(dim=-1).mean(-1)  # (B, L) nm
     assert (shift > 0).all()
+    # the x0 anchors of the clean slots are the data before contextual noise, on or off
+    assert torch.equal(seq_on.anchor_frames.trans[:, :L], clean.trans)
+    assert torch.equal(seq_on.anchor_frames.rots[:, :L], clean.rots)
+    assert torch.equal(tg_on.noisy_shifted.trans, tg_off.noisy_shifted.trans) and torch.equal(tg_on.x0.trans, tg_off.x0.trans)
     order = torch.argsort(tau.flatten())
     assert shift.flatten()[order[-1]] > shift.flatten()[order[0]]  # more tau, more displacement
     # targets are the clean data in both cases, and the window's Δt conditions every token
