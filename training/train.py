@@ -854,8 +854,11 @@ class Trainer:
                 plot_log(self.out / LOG_NAME, self.out / PLOT_NAME)
             except ImportError:  # pragma: no cover - matplotlib is a dependency
                 pass
-            if cfg.export:
+            if cfg.export and self.step >= cfg.steps:
                 self._log(f"exported the EMA weights to {self.export(cfg.export)}")
+            elif cfg.export:  # a stopped run must not leave a half-trained model where the finished one goes
+                self._log(f"not exported to {cfg.export}: stopped at step {self.step} of {cfg.steps}; "
+                          f"`python training/export.py {self.out / CHECKPOINT_NAME} MODEL.pt` exports it as it is")
         if self.info.active:
             dist.barrier()
         return self

@@ -275,6 +275,14 @@ def test_exported_ema_model_loads_and_samples_a_frame(manifest, tmp_path):
     assert frames.trans.shape[-2:] == (48, 3) and torch.isfinite(frames.trans).all()
 
 
+def test_a_stopped_run_does_not_export_until_it_finishes(manifest, tmp_path):
+    path = tmp_path / "model.pt"
+    train.train(tiny_config(manifest, tmp_path / "run", steps=2, stop_after=1, export=str(path)), log=_quiet)
+    assert not path.exists()  # half-trained: nothing where the finished model goes
+    train.train(tiny_config(manifest, tmp_path / "run", steps=2, resume="auto", export=str(path)), log=_quiet)
+    assert path.exists()
+
+
 def test_export_script_writes_the_checkpoints_ema_weights(manifest, tmp_path):
     """training/export.py turns a stopped run's checkpoint into the same model file --export would write."""
     from openmm_starmd.checkpoints import load_model
