@@ -71,7 +71,8 @@ def _rmsd_nm(a: np.ndarray, b: np.ndarray) -> float:
     return float(superposed_rmsd(a[None], b[None])[0])
 
 
-def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, seed: int, steps: int | None) -> dict:
+def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, seed: int, steps: int | None,
+                  **sampling) -> dict:
     """Roll out one protein; the metrics of the module docstring."""
     stride = max(1, int(round(dt_ns / shard.frame_spacing_ns)))
     idx = np.arange(n_history) * stride
@@ -80,10 +81,10 @@ def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, se
                          f"the shard has {shard.n_frames}. Lower --history or --dt-ns.")
     xyz = torch.as_tensor(shard.coords_nm[idx], dtype=torch.float32)
     frames = frames_from_backbone(xyz[..., 0, :], xyz[..., 1, :], xyz[..., 2, :])
-    config = loaded.sampling_config
-    if steps is not None:
-        import dataclasses
-        config = dataclasses.replace(config, steps=steps)
+    import dataclasses
+
+    changes = {k: v for k, v in dict(sampling, steps=steps).items() if v is not None}
+    config = dataclasses.replace(loaded.sampling_config, **changes)
     sampler = AutoregressiveSampler(loaded.model, loaded.diffuser, shard.aatype, shard.residue_index,
                                     shard.chain_index, shard.residue_mask, dt_ns=stride * shard.frame_spacing_ns,
                                     config=config, seed=seed)
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=20, help="frames to generate per protein")
     p.add_argument("--history", type=int, default=1, help="MD frames given as history")
     p.add_argument("--steps", type=int, default=None, help="reverse diffusion steps (default: the model's)")
+    p.add_argument("--ode", action="store_true", default=None, help="probability-flow ODE instead of the reverse SDE")
+    p.add_argument("--noise-scale", type=float, default=None, help="SDE noise multiplier (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
     for name in (args.proteins or sorted(entries)):
         shard = load_shard(os.path.join(base, entries[name]["file"]), entries[name]["sha256"])
         for dt in args.dt_ns:
-            rows.append(check_protein(loaded, shard, dt, args.frames, args.history, args.seed, args.steps))
+            rows.append(check_protein(loaded, shard, dt, args.frames, args.history, args.seed, args.steps,
+                                      ode=args.ode, noise_scale=args.noise_scale))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     print(markdown(rows))
     if args.json:
