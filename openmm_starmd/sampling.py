@@ -192,7 +192,6 @@ class AutoregressiveSampler:
         )
         self._history: list[tuple[Rigid, torch.Tensor]] = []  # (frames as seen by the model, tau)
         self._origin: torch.Tensor | None = None  # Cα centroid of the last clean frame, (B, 3)
-        self._anchor: Rigid | None = None  # the last clean frame before contextual noise, (B, N)
 
     @property
     def n_frames(self) -> int:
@@ -241,7 +240,6 @@ class AutoregressiveSampler:
         with torch.no_grad(), self._autocast():
             self.model.append_clean(self._rollout, seen, tau, anchor=clean)
         self._history.append((seen, tau))
-        self._anchor = clean
         keep = self._history_needed()
         if keep is not None and len(self._history) > keep:
             del self._history[: len(self._history) - keep]
@@ -352,8 +350,9 @@ class AutoregressiveSampler:
             "history_trans": arr(torch.stack([h[0].trans for h in self._history])) if n_hist else empty[1],
             "history_tau": arr(torch.stack([h[1] for h in self._history])) if n_hist else empty[2],
             "diffusion_origin": None if self._origin is None else arr(self._origin),
-            "anchor_rots": None if self._anchor is None else arr(self._anchor.rots),
-            "anchor_trans": None if self._anchor is None else arr(self._anchor.trans),
+            # the rollout keeps the last clean frame before contextual noise (the x0 anchor)
+            "anchor_rots": None if self._rollout.anchor is None else arr(self._rollout.anchor.rots),
+            "anchor_trans": None if self._rollout.anchor is None else arr(self._rollout.anchor.trans),
             "attention_origin": None if self._rollout.origin is None else arr(self._rollout.origin),
             "rng_state": arr(self.generator.get_state()),
             "seed": self.seed,
@@ -393,7 +392,6 @@ class AutoregressiveSampler:
                 last = i == rots.shape[0] - 1
                 self.model.append_clean(self._rollout, seen, taus[i], anchor=anchor if last else None)
                 self._history.append((seen, taus[i]))
-        self._anchor = anchor
         if self.n_frames != int(state["n_frames"]):
             raise ValueError(f"sampler state is inconsistent: rebuilt {self.n_frames} frames, expected {state['n_frames']}.")
         origin = state["diffusion_origin"]
