@@ -169,7 +169,7 @@ def load_model(path=None, device="cpu") -> LoadedModel:
     diffusion_config = DiffusionConfig.from_dict(json.loads(payload["diffusion_config"]))
     sampling = json.loads(payload["sampling_config"])
     sampling_config = SamplingConfig() if sampling is None else SamplingConfig.from_dict(sampling)
-    model = StarMDNetwork(model_config)
+    model = StarMDNetwork(model_config, diffusion_config)
     state = payload["state_dict"]
     dtype = next(iter(state.values())).dtype if state else torch.float32
     model = model.to(dtype=dtype)

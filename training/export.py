@@ -25,9 +25,9 @@ from openmm_starmd.sampling import SamplingConfig  # noqa: E402
 def export(checkpoint, out, note: str | None = None) -> Path:
     payload = load_training_checkpoint(checkpoint)
     cfg = payload["config"]
-    net = StarMDNetwork(cfg.model_config())
-    net.load_state_dict(payload["ema"]["weights"])
     d = cfg.diffusion_config()
+    net = StarMDNetwork(cfg.model_config(), d)
+    net.load_state_dict(payload["ema"]["weights"])
     metadata = {
         "weights": "ema", "ema_decay": cfg.ema_decay, "steps": int(payload["step"]), "total_steps": cfg.steps,
         "train_config": cfg.to_dict(), "exported_from": str(checkpoint),

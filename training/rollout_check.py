@@ -6,9 +6,10 @@ The quick, backbone-only check behind the model card: for every chosen protein, 
 history; the model generates ``--frames`` more; no OpenMM, no backmapping. Printed per protein
 (Markdown table, and ``--json`` for the numbers):
 
-- Cα validity: the fraction of generated frames with no Cα pair closer than 3.0 Å and no
-  consecutive Cα pair (same chain, consecutive residue numbers) further than 4.19 Å
-  (:mod:`openmm_starmd.analysis.validity`'s thresholds);
+- Cα validity: the fraction of generated frames with no clash (two Cα that are not same-chain
+  neighbours closer than 3.0 Å) and no break (consecutive Cα of a chain further than 4.19 Å),
+  computed by :func:`openmm_starmd.analysis.validity.ca_validity`, the evaluation suite's own
+  function, so these numbers and ``starmd evaluate``'s agree;
 - consecutive Cα–Cα distance min / mean / max over all generated frames, Å (MD: ~3.8 ± 0.05);
 - drift: Cα RMSD after superposition of the last generated frame to the last history frame, Å,
   next to the same quantity for the reference MD over the same time span where the shard is long
@@ -28,6 +29,7 @@ import json
 import os
 import sys
 
+import mdtraj as md
 import numpy as np
 import torch
 
@@ -36,7 +38,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from openmm_starmd.analysis.alignment import superposed_rmsd  # noqa: E402
 from openmm_starmd.analysis.coverage import rmsf_correlation  # noqa: E402
-from openmm_starmd.analysis.validity import CA_BREAK_NM, CA_CLASH_NM  # noqa: E402
+from openmm_starmd.analysis.validity import broken_pairs, ca_validity, consecutive_ca_pairs  # noqa: E402
 from openmm_starmd.checkpoints import load_model  # noqa: E402
 from openmm_starmd.data import load_shard  # noqa: E402
 from openmm_starmd.geometry.frames import frames_from_backbone  # noqa: E402
@@ -45,25 +47,50 @@ from openmm_starmd.sampling import AutoregressiveSampler  # noqa: E402
 DEFAULT_MANIFEST = os.path.join(HERE, "data", "manifest.json")
 
 
-def ca_geometry(ca_nm: np.ndarray, residue_index: np.ndarray, chain_index: np.ndarray) -> dict:
+def ca_topology(residue_index: np.ndarray, chain_index: np.ndarray) -> md.Topology:
+    """A Cα-only mdtraj Topology with one chain per chain index (residue names are placeholders)."""
+    top = md.Topology()
+    chains = {}
+    for r, c in zip(np.asarray(residue_index).tolist(), np.asarray(chain_index).tolist()):
+        if c not in chains:
+            chains[c] = top.add_chain()
+        res = top.add_residue("GLY", chains[c], resSeq=int(r))
+        top.add_atom("CA", md.element.carbon, res)
+    return top
+
+
+def ca_geometry(ca_nm: np.ndarray, residue_index: np.ndarray, chain_index: np.ndarray,
+                reference_nm: np.ndarray | None = None) -> dict:
     """Cα validity and consecutive-distance statistics of frames.
+
+    Validity is :func:`openmm_starmd.analysis.validity.ca_validity` (the evaluation suite's own
+    definition: clash = two Cα that are not same-chain neighbours closer than 3.0 Å; break =
+    consecutive Cα of a chain further than 4.19 Å), with the gaps already present in
+    ``reference_nm`` (missing residues) exempt, as the evaluation does for the initial structure.
 
     Parameters
     ----------
     ca_nm : np.ndarray, shape (F, N, 3), nm
     residue_index, chain_index : np.ndarray, shape (N,)
+    reference_nm : np.ndarray, shape (N, 3), nm, optional
+        Structure whose broken pairs are exempt (default: none exempt).
 
     Returns
     -------
-    dict with ``valid`` (F,) bool, ``ca_ca_A`` (min, mean, max) in Å.
+    dict with ``valid`` (F,) bool, ``ca_ca_A`` (min, mean, max) in Å over the checked pairs.
     """
-    bonded = (np.diff(residue_index) == 1) & (np.diff(chain_index) == 0)
-    d_next = np.linalg.norm(ca_nm[:, 1:] - ca_nm[:, :-1], axis=-1)[:, bonded]
-    pair = np.linalg.norm(ca_nm[:, :, None] - ca_nm[:, None], axis=-1)
-    iu = np.triu_indices(ca_nm.shape[1], k=1)
-    clash = (pair[:, iu[0], iu[1]] < CA_CLASH_NM).any(axis=1)
-    brk = (d_next > CA_BREAK_NM).any(axis=1)
-    return {"valid": ~(clash | brk),
+    top = ca_topology(residue_index, chain_index)
+    traj = md.Trajectory(np.asarray(ca_nm, dtype=np.float32), top)
+    gaps = None
+    if reference_nm is not None:
+        gaps = broken_pairs(md.Trajectory(np.asarray(reference_nm, dtype=np.float32)[None], top))
+    valid = ca_validity(traj, ignore_pairs=gaps).valid
+    pairs = consecutive_ca_pairs(top)
+    if gaps is not None and len(gaps):
+        skip = {tuple(p) for p in gaps.tolist()}
+        pairs = np.array([p for p in pairs.tolist() if tuple(p) not in skip], dtype=int).reshape(-1, 2)
+    d_next = np.linalg.norm(ca_nm[:, pairs[:, 0]] - ca_nm[:, pairs[:, 1]], axis=-1)
+    return {"valid": valid,
             "ca_ca_A": (float(d_next.min() * 10), float(d_next.mean() * 10), float(d_next.max() * 10))}
 
 
@@ -91,9 +118,9 @@ def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, se
     sampler.add_history(frames)
     out = sampler.generate(n_frames)
     ca = out.trans.reshape(-1, shard.n_residues, 3).detach().cpu().numpy().astype(np.float64)
-    geo = ca_geometry(ca, shard.residue_index, shard.chain_index)
     ref_ca = shard.coords_nm[:, :, 1].astype(np.float64)
     last_hist = ref_ca[idx[-1]]
+    geo = ca_geometry(ca, shard.residue_index, shard.chain_index, reference_nm=last_hist)
     end = idx[-1] + n_frames * stride
     row = {
         "protein": shard.name, "residues": shard.n_residues, "dt_ns": stride * shard.frame_spacing_ns,
@@ -102,7 +129,7 @@ def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, se
         "ref_drift_A": _rmsd_nm(ref_ca[end], last_hist) * 10 if end < shard.n_frames else None,
         "rmsf_r": rmsf_correlation(ref_ca, ca) if n_frames >= 3 else None,
     }
-    ref_geo = ca_geometry(ref_ca, shard.residue_index, shard.chain_index)
+    ref_geo = ca_geometry(ref_ca, shard.residue_index, shard.chain_index, reference_nm=ref_ca[0])
     row["ref_ca_validity"] = float(ref_geo["valid"].mean())
     return row
 

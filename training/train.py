@@ -604,7 +604,7 @@ class Trainer:
         self.diffuser = SE3Diffuser(self.diffusion_config)
         self.dtype = getattr(torch, cfg.dtype)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.net = StarMDNetwork(self.model_config).to(device=self.info.device, dtype=self.dtype)
+        self.net = StarMDNetwork(self.model_config, self.diffusion_config).to(device=self.info.device, dtype=self.dtype)
         self.ema = EMA(self.net, cfg.ema_decay)
         self.optimizer = build_optimizer(self.net, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))

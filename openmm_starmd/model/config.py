@@ -20,7 +20,7 @@ from .._config import JsonConfig
 __all__ = ["ModelConfig", "NAMED_CONFIGS", "model_config"]
 
 _ATTENTION_MODES = ("joint", "separable")
-_ANCHORS = ("previous", "noisy")
+_ANCHORS = ("previous", "noisy", "posterior")
 
 
 @dataclass
@@ -72,7 +72,22 @@ class ModelConfig(JsonConfig):
         measured to turn the contextual noise into a random walk of every residue (chains blew
         up to a mean Cα–Cα of 8–10 Å within 10 frames). A noisy frame with no previous frame
         (frame 0 of a training window) falls back to "noisy".
+        "posterior" starts from the Gaussian posterior mean of the clean frame given the noisy
+        input x_t and a prior centred on that previous frame, N(previous, s² I) with s =
+        ``anchor_prior_nm`` for the Cα and ``anchor_prior_rad`` per rotation axis: at high t it is
+        the previous frame ("no motion"), at small t the noisy input itself (the identity a
+        denoiser needs), in between the exact linear blend (see
+        :func:`openmm_starmd.model.anchor.posterior_base`). Motivation, measured with
+        ``training/denoise_check.py``: a "previous" model cannot see the un-noised previous frame
+        (the trunk sees only the contextually noised history), so it cannot turn a nearly clean
+        x_t into an exact update of that frame, and it learnt to ignore x_t altogether (its x0
+        error at t = 0.001 equalled "no motion"'s, 0.93 Å, with x_t itself 0.18 Å away).
         Checkpoints written before this option existed load as "noisy".
+    anchor_prior_nm, anchor_prior_rad : float
+        Prior standard deviations of the "posterior" anchor: per-coordinate Cα displacement (nm)
+        and per-axis rotation (rad) between consecutive frames. Measured on our fitted MD windows
+        at Δt 0.01–0.14 ns: 0.06–0.08 nm and 0.23–0.26 rad; the defaults (0.1 nm, 0.25 rad) allow
+        for the longer steps of Δt ≈ 1 ns. The network learns the correction either way.
     """
 
     width: int = 128
@@ -94,6 +109,8 @@ class ModelConfig(JsonConfig):
     rope_base_residue: float = 10_000.0
     rope_base_frame: float = 1_000.0
     x0_anchor: str = "previous"
+    anchor_prior_nm: float = 0.1
+    anchor_prior_rad: float = 0.25
 
     def __post_init__(self):
         if self.attention not in _ATTENTION_MODES:
@@ -103,6 +120,11 @@ class ModelConfig(JsonConfig):
         if self.x0_anchor not in _ANCHORS:
             raise ValueError(
                 f"ModelConfig.x0_anchor={self.x0_anchor!r} is not a known anchor; use one of {_ANCHORS}."
+            )
+        if not (self.anchor_prior_nm > 0 and self.anchor_prior_rad > 0):
+            raise ValueError(
+                f"ModelConfig.anchor_prior_nm={self.anchor_prior_nm} and anchor_prior_rad={self.anchor_prior_rad} must "
+                "be > 0 (prior standard deviations in nm and rad)."
             )
         if self.width % self.heads:
             raise ValueError(

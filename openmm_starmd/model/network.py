@@ -9,8 +9,10 @@ given clean history frames and one noisy frame per slot, predicts the clean fram
 - Layers: :class:`openmm_starmd.model.adaln.AdaLNLayer` in the order of
   ``ModelConfig.layer_kinds()``.
 - Output (noisy slots): an AdaLN-modulated linear head gives a rotation vector ω (rad) and a
-  translation u (nm) in the noisy frame's local frame; x0 = T_noisy ∘ (exp(ω), u). This makes the
-  prediction SE(3)-equivariant. The head starts at zero, i.e. x0 = x_t at initialisation.
+  translation u (nm) in a base frame's local frame; x0 = T_base ∘ (exp(ω), u), which keeps the
+  prediction SE(3)-equivariant. The base is ``ModelConfig.x0_anchor``'s: the noisy input
+  (FrameDiff), the previous frame before contextual noise, or their posterior-mean blend
+  (:mod:`openmm_starmd.model.anchor`). The head starts at zero, i.e. x0 = base at initialisation.
 - We do not update frames between layers (no IPA-style backbone update): clean frames are pure
   conditioning, and keeping every layer's points on the input frames lets the KV cache store keys
   that depend on the inputs only. The network predicts x0 once, at the end.
@@ -35,7 +37,9 @@ from torch import nn
 
 from ..geometry.rigid import Rigid, compose
 from ..geometry.so3 import exp_map
+from ..diffusion.config import DiffusionConfig
 from .adaln import AdaLNLayer, modulate
+from .anchor import PosteriorAnchor
 from .attention import FullContext
 from .conditioning import Conditioning
 from .config import ModelConfig
@@ -63,7 +67,7 @@ class Rollout:
         RoPE angles of the residue positions.
     anchor : Rigid or None, batch shape (B, N), nm
         The last appended clean frame before contextual noise: the x0 anchor of the next noisy
-        frame when ``config.x0_anchor == "previous"``.
+        frame when ``config.x0_anchor`` is "previous" or "posterior".
     """
 
     residues: ResidueFeatures
@@ -90,11 +94,17 @@ class StarMDNetwork(nn.Module):
     Parameters
     ----------
     config : ModelConfig
+    diffusion_config : DiffusionConfig, optional
+        The diffusion schedule of the noisy inputs; used only by ``x0_anchor="posterior"``
+        (default: ``DiffusionConfig()``; checkpoints pass the saved one).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, diffusion_config: DiffusionConfig | None = None):
         super().__init__()
         self.config = config
+        self.diffusion_config = diffusion_config if diffusion_config is not None else DiffusionConfig()
+        self._posterior = (PosteriorAnchor(self.diffusion_config, config.anchor_prior_nm, config.anchor_prior_rad)
+                           if config.x0_anchor == "posterior" else None)
         C = config.width
         self.aatype_embedding = nn.Embedding(N_AATYPES, C)
         self.chain_embedding = nn.Embedding(config.max_chains, C)
@@ -220,8 +230,9 @@ class StarMDNetwork(nn.Module):
         cos, sin = rope_tables(self._residue_angles(residues), self._frame_angles(sequence.frame_index), self.dtype)
         context = FullContext(sequence.frame_index, sequence.noisy, mask, window)
         x = self._trunk(x, cond, frames.rots, trans, cos, sin, context)
-        if self.config.x0_anchor == "previous":
+        if self.config.x0_anchor in ("previous", "posterior"):
             slots = self.anchor_slots(sequence.frame_index, sequence.noisy)
+            own = frames
             if sequence.anchor_frames is not None:
                 self._check_finite(sequence.anchor_frames, mask, "sequence.anchor_frames")
                 anchors = self._prepare_frames(sequence.anchor_frames, mask)
@@ -232,6 +243,14 @@ class StarMDNetwork(nn.Module):
                 trans = torch.where(noisy[:, None, None], frames.trans, anchors.trans)
                 frames = Rigid(rots, trans)
             frames = Rigid(frames.rots[:, slots], frames.trans[:, slots])
+            if self._posterior is not None:
+                # noisy slots with a predecessor blend it with their own input; the rest keep it
+                blend = sequence.noisy & (slots != torch.arange(slots.shape[0], device=slots.device))
+                origin_nm = ca_centroid(frames, mask[:, None])
+                base = self._posterior.base(frames, own, origin_nm, sequence.noise_level)
+                pick = blend[None, :, None]
+                frames = Rigid(torch.where(pick[..., None, None], base.rots, frames.rots),
+                               torch.where(pick[..., None], base.trans, frames.trans))
         return self._head(x, cond, frames)
 
     # ------------------------------------------------------------------ cached rollout
@@ -333,7 +352,11 @@ class StarMDNetwork(nn.Module):
         frame = rollout.cache.next_frame()
         t = torch.as_tensor(t, dtype=torch.float64, device=rollout.dt_ns.device).reshape(-1).expand(rollout.dt_ns.shape)
         x, cond, frames = self._slot_pass(rollout, noisy, t, noisy=True, frame=frame)
-        if self.config.x0_anchor == "previous" and rollout.anchor is not None:
-            frames = Rigid(rollout.anchor.rots[:, None], rollout.anchor.trans[:, None])
+        if self.config.x0_anchor in ("previous", "posterior") and rollout.anchor is not None:
+            anchor = Rigid(rollout.anchor.rots[:, None], rollout.anchor.trans[:, None])
+            if self._posterior is not None:
+                origin_nm = ca_centroid(anchor, rollout.residues.mask[:, None])
+                anchor = self._posterior.base(anchor, frames, origin_nm, t[:, None])
+            frames = anchor
         out = self._head(x, cond, frames)
         return Rigid(out.rots[:, 0], out.trans[:, 0])

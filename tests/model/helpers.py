@@ -104,4 +104,5 @@ LAYOUTS = {
     "paper_like": dict(TINY, blocks=1, frame_layers=1, joint_layers=2),
     "separable": dict(TINY, attention="separable"),
     "noisy_anchor": dict(TINY, x0_anchor="noisy"),
+    "posterior_anchor": dict(TINY, x0_anchor="posterior"),
 }

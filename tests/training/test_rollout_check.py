@@ -30,6 +30,21 @@ def test_ca_geometry_flags_planted_breaks_and_clashes_only():
     assert got["valid"].tolist() == [True, False, False, True]
 
 
+def test_ca_geometry_is_the_evaluation_suites_definition():
+    """Bonded neighbours closer than 3 Å are no clash (analysis.validity), and gaps of the reference are exempt."""
+    shard = _real_shard()
+    ca = shard.coords_nm[:2, :, 1].astype(np.float64)
+    short = ca.copy()
+    bond = short[0, -1] - short[0, -2]
+    short[0, -1] = short[0, -2] + bond / np.linalg.norm(bond) * 0.29  # last Cα 2.9 Å from its neighbour
+    assert rollout_check.ca_geometry(short, shard.residue_index, shard.chain_index)["valid"].tolist() == [True, True]
+    gap = ca.copy()
+    gap[:, 10:] += np.array([0.3, 0.0, 0.0])  # a gap present in every frame, the reference included
+    assert not rollout_check.ca_geometry(gap, shard.residue_index, shard.chain_index)["valid"].any()
+    got = rollout_check.ca_geometry(gap, shard.residue_index, shard.chain_index, reference_nm=gap[0])
+    assert got["valid"].all() and got["ca_ca_A"][2] < 4.19
+
+
 def test_rollout_of_a_fresh_model_on_a_real_shard(tmp_path):
     """A fresh (zero-head) network predicts 'no motion' from the previous frame: Cα stays MD-like."""
     import torch
