@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.helpers import TINY, load_short_md, random_network
+from model.helpers import TINY, load_short_md, random_network, single_torch_thread
 from openmm_starmd.diffusion import SE3Diffuser
 from openmm_starmd.geometry.rigid import Rigid
 from openmm_starmd.model import ModelConfig, StarMDNetwork
@@ -16,10 +16,8 @@ STEPS = 4
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

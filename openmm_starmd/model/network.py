@@ -179,11 +179,19 @@ class StarMDNetwork(nn.Module):
         has = prev.any(dim=1)
         return torch.where(has, prev.float().argmax(dim=1), idx)
 
-    def _head(self, x: torch.Tensor, cond: torch.Tensor, frames: Rigid) -> Rigid:
+    def _head(self, x: torch.Tensor, cond: torch.Tensor, frames: Rigid, t: torch.Tensor | None = None,
+              scaled: torch.Tensor | None = None) -> Rigid:
+        """x0 = frames ∘ update; under the "posterior" anchor the update of the slots flagged in
+        ``scaled`` (B, S) is in units of the posterior standard deviation at their time t (B, S)."""
         shift, scale = self.final_modulation(cond)[:, :, None].chunk(2, dim=-1)
         out = self.head(modulate(self.final_norm(x), shift, scale))
         with _no_autocast(x.device):
             out = out.to(frames.rots.dtype)
+            if self._posterior is not None and t is not None:
+                k_t, k_r = (k.to(out.dtype) for k in self._posterior.output_scales(t))
+                one = torch.ones_like(k_t)
+                k_t, k_r = torch.where(scaled, k_t, one), torch.where(scaled, k_r, one)
+                out = torch.cat([out[..., :3] * k_r[..., None, None], out[..., 3:] * k_t[..., None, None]], dim=-1)
             update = Rigid(exp_map(out[..., :3]), out[..., 3:])
             return compose(frames, update)
 
@@ -251,6 +259,7 @@ class StarMDNetwork(nn.Module):
                 pick = blend[None, :, None]
                 frames = Rigid(torch.where(pick[..., None, None], base.rots, frames.rots),
                                torch.where(pick[..., None], base.trans, frames.trans))
+                return self._head(x, cond, frames, sequence.noise_level, blend[None, :])
         return self._head(x, cond, frames)
 
     # ------------------------------------------------------------------ cached rollout
@@ -357,6 +366,8 @@ class StarMDNetwork(nn.Module):
             if self._posterior is not None:
                 origin_nm = ca_centroid(anchor, rollout.residues.mask[:, None])
                 anchor = self._posterior.base(anchor, frames, origin_nm, t[:, None])
+                out = self._head(x, cond, anchor, t[:, None], torch.ones_like(t[:, None], dtype=torch.bool))
+                return Rigid(out.rots[:, 0], out.trans[:, 0])
             frames = anchor
         out = self._head(x, cond, frames)
         return Rigid(out.rots[:, 0], out.trans[:, 0])

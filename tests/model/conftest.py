@@ -2,17 +2,14 @@
 import pytest
 import torch
 
-from .helpers import load_short_md
+from .helpers import load_short_md, single_torch_thread
 
 
 @pytest.fixture(scope="package", autouse=True)
 def one_thread():
-    """The small tensors here run ~100x slower with 2 OpenMP threads on a busy 2-core machine
-    (barrier spinning) than with one; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """One torch thread for the whole package (see :func:`helpers.single_torch_thread`)."""
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

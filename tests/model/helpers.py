@@ -7,6 +7,7 @@ every parameter at random with a fixed seed.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,18 @@ from openmm_starmd.model import ModelConfig, ResidueFeatures, StarMDNetwork
 from openmm_starmd.model.sequence import AA_ORDER, TokenSequence
 
 SHORT_MD = Path(__file__).parents[1] / "data" / "short_md_1enh.npz"
+
+
+@contextmanager
+def single_torch_thread():
+    """Run torch on one thread, then restore the setting. The small tensors of these tests run
+    ~100x slower with 2 OpenMP threads on a busy 2-core machine (barrier spinning) than with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_short_md(dtype=torch.float64):

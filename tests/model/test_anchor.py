@@ -103,3 +103,27 @@ def test_posterior_needs_positive_prior_scales():
     with pytest.raises(ValueError, match="anchor_prior"):
         ModelConfig(**TINY, x0_anchor="posterior", anchor_prior_nm=0.0)
     assert math.isfinite(ModelConfig(**TINY).anchor_prior_rad)
+
+
+def test_output_scales_vanish_with_the_noise(posterior):
+    t = torch.tensor([1e-8, 0.001, 0.01, 0.1, 1.0], dtype=torch.float64)
+    k_t, k_r = posterior.output_scales(t)
+    assert k_t[0] < 1e-3 and k_t[-1] > 0.99 and (k_t.diff() > 0).all() and (k_r.diff() > 0).all()
+    # rotation noise never falls below sigma_min = 0.1 rad, so neither does its posterior spread
+    assert k_r[0] == pytest.approx(0.1 / math.hypot(0.25, 0.1), rel=1e-4)
+
+
+def test_trained_like_network_keeps_the_nearly_clean_input_at_tiny_t(short_md):
+    """A network with random (non-zero) head still returns x_t's Cα at t -> 0: its update is scaled away."""
+    from .helpers import random_network
+
+    net = random_network(ModelConfig(**TINY, x0_anchor="posterior"))
+    seq = training_layout(short_md["frames"], 2, context_noise_nm=0.05)
+    res = residues_of(short_md)
+    seq.noise_level[:, 3] = 1e-8
+    with torch.no_grad():
+        tiny = net(res, seq)
+        seq.noise_level[:, 3] = 0.5
+        mid = net(res, seq)
+    assert (tiny.trans[:, 3] - seq.frames.trans[:, 3]).abs().max() < 1e-3
+    assert (mid.trans[:, 3] - seq.frames.trans[:, 3]).abs().max() > 1e-2
