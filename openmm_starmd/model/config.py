@@ -77,11 +77,11 @@ class ModelConfig(JsonConfig):
         ``anchor_prior_nm`` for the Cα and ``anchor_prior_rad`` per rotation axis: at high t it is
         the previous frame ("no motion"), at small t the noisy input itself (the identity a
         denoiser needs), in between the exact linear blend (see
-        :func:`openmm_starmd.model.anchor.posterior_base`). Motivation, measured with
-        ``training/denoise_check.py``: a "previous" model cannot see the un-noised previous frame
-        (the trunk sees only the contextually noised history), so it cannot turn a nearly clean
-        x_t into an exact update of that frame, and it learnt to ignore x_t altogether (its x0
-        error at t = 0.001 equalled "no motion"'s, 0.93 Å, with x_t itself 0.18 Å away).
+        :class:`openmm_starmd.model.anchor.PosteriorAnchor`). Motivation, measured with
+        ``training/denoise_check.py``: small "previous" models learnt to ignore x_t altogether
+        (their x0 error at t = 0.001 equalled "no motion"'s, 0.93 Å, with x_t itself 0.18 Å away,
+        with or without contextual noise); "posterior" gets the small-t identity for free. At 600
+        CPU steps its rollouts are worse, though (training/TRAINING.md), so it is not the default.
         Checkpoints written before this option existed load as "noisy".
     anchor_prior_nm, anchor_prior_rad : float
         Prior standard deviations of the "posterior" anchor: per-coordinate Cα displacement (nm)
