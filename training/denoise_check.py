@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -33,14 +34,27 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
 from openmm_starmd.analysis.validity import CA_BREAK_NM  # noqa: E402
 from openmm_starmd.checkpoints import load_model  # noqa: E402
 from openmm_starmd.model.sequence import ca_centroid, training_sequence  # noqa: E402
 
-from data import WindowSampler, load_split  # noqa: E402
-from train import window_inputs  # noqa: E402
+
+
+def _sibling(name: str):
+    """training/<name>.py as ``starmd_training_<name>`` (the name train.py and the tests use)."""
+    key = f"starmd_training_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(HERE, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+_data = _sibling("data")
+WindowSampler, load_split = _data.WindowSampler, _data.load_split
+window_inputs = _sibling("train").window_inputs
 
 DEFAULT_MANIFEST = os.path.join(HERE, "data", "manifest.json")
 ESTIMATORS = ("model", "anchor", "noisy", "posterior")
