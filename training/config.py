@@ -92,6 +92,9 @@ class TrainConfig:
     # ---------------------------------------------------------------- loss
     loss: dict = _f({}, "LossConfig overrides (training/losses.py), KEY=VALUE (repeatable), e.g. --loss fape_weight=0.5",
                     section="loss")
+    t_sampling: str = _f("uniform", "per-frame diffusion time t: uniform on [t_min, 1] (FrameDiff, the paper) or "
+                         "loguniform on [t_min, 1] (15%% instead of 1%% of frames below t = 0.02, where the fine "
+                         "chain geometry is learnt)", str, choices=("uniform", "loguniform"), section="loss")
     # ---------------------------------------------------------------- optimisation
     batch_size: int = _f(8, "windows per optimiser step, over all processes", int, section="optim")
     steps: int = _f(100_000, "optimiser steps of the whole run (the cosine schedule ends here)", int, section="optim")

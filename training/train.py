@@ -300,7 +300,7 @@ def window_inputs(batch: dict, device, dtype=torch.float32):
 
 
 def noised_sequence(diffuser, clean: Rigid, residues: ResidueFeatures, dt_ns: torch.Tensor,
-                    generator: torch.Generator, contextual_noise: bool):
+                    generator: torch.Generator, contextual_noise: bool, t_sampling: str = "uniform"):
     """Draw t and τ and build the block-causal [clean 1..L, noisy 1..L] sequence of a window batch.
 
     Parameters
@@ -314,6 +314,8 @@ def noised_sequence(diffuser, clean: Rigid, residues: ResidueFeatures, dt_ns: to
         Draw order: t, τ, forward noise, contextual noise.
     contextual_noise : bool
         False: the history is the clean data and τ = 0 (the ablation); τ is drawn anyway.
+    t_sampling : {"uniform", "loguniform"}
+        Distribution of t on [t_min, 1]; both use one uniform draw per frame.
 
     Returns
     -------
@@ -323,7 +325,13 @@ def noised_sequence(diffuser, clean: Rigid, residues: ResidueFeatures, dt_ns: to
     B, L = clean.trans.shape[:2]
     dtype, device = clean.trans.dtype, clean.trans.device
     t_min = diffuser.config.t_min
-    t = t_min + (1.0 - t_min) * torch.rand(B, L, generator=generator, dtype=dtype, device=device)
+    u = torch.rand(B, L, generator=generator, dtype=dtype, device=device)
+    if t_sampling == "loguniform":
+        t = t_min * (1.0 / t_min) ** u
+    elif t_sampling == "uniform":
+        t = t_min + (1.0 - t_min) * u
+    else:
+        raise ValueError(f"t_sampling={t_sampling!r}; use 'uniform' or 'loguniform'.")
     tau = diffuser.sample_context_tau((B, L), generator=generator, dtype=dtype, device=device)
     return training_sequence(diffuser, clean, residues.mask, t, dt_ns, tau=tau if contextual_noise else None,
                              generator=generator)
@@ -337,7 +345,8 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def batch_loss(model, diffuser, loss_cfg: LossConfig, batch: dict, generator, cfg: TrainConfig, device, dtype) -> dict:
     """Loss terms of one window batch (one block-causal pass); see training/losses.py."""
     clean, residues, dt_ns = window_inputs(batch, device, dtype)
-    sequence, targets = noised_sequence(diffuser, clean, residues, dt_ns, generator, cfg.contextual_noise)
+    sequence, targets = noised_sequence(diffuser, clean, residues, dt_ns, generator, cfg.contextual_noise,
+                                        cfg.t_sampling)
     L = clean.trans.shape[1]
     with _autocast(cfg, device):
         out = model(residues, sequence)

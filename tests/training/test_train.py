@@ -133,6 +133,29 @@ def test_contextual_noise_reaches_the_clean_history_and_never_the_noisy_frames(m
     assert torch.equal(seq_on.frame_index, torch.arange(L).repeat(2))
 
 
+def test_loguniform_t_sampling_puts_more_frames_near_t_min(manifest):
+    cfg = tiny_config(manifest, Path("unused"))
+    shards, _ = train.load_split_shards(cfg, train.read_manifest(str(manifest)), "train", _quiet)
+    batch = train.WindowSampler(shards, 2, (5e-5, 5e-4), seed=4).sample(1)
+    clean, residues, dt = train.window_inputs(batch, "cpu", torch.float64)
+    from openmm_starmd.diffusion import SE3Diffuser
+
+    diffuser = SE3Diffuser()
+    t_min = diffuser.config.t_min
+    draws = {}
+    for mode in ("uniform", "loguniform"):
+        g = torch.Generator().manual_seed(3)
+        ts = [train.noised_sequence(diffuser, clean, residues, dt, g, True, mode)[0].noise_level[:, 2:]
+              for _ in range(400)]
+        draws[mode] = torch.cat(ts).flatten()
+        assert (draws[mode] >= t_min - 1e-12).all() and (draws[mode] <= 1).all()
+    low = {m: float((d < 2 * t_min).double().mean()) for m, d in draws.items()}
+    # P(t < 2 t_min): 1 % uniform, log 2 / log 100 = 15 % log-uniform
+    assert low["uniform"] < 0.04 and 0.10 < low["loguniform"] < 0.21
+    with pytest.raises(ValueError, match="t_sampling"):
+        train.noised_sequence(diffuser, clean, residues, dt, torch.Generator(), True, "beta")
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_missing_and_empty_manifest(tmp_path):
     with pytest.raises(TrajectoryError, match="does not exist; run training/prepare.py"):
