@@ -94,14 +94,18 @@ def test_checkpoint_is_plain_data_with_every_state(manifest, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def test_contextual_noise_reaches_the_clean_history_and_never_the_noisy_frames(manifest):
-    cfg = tiny_config(manifest, Path("unused"))
-    shards, _ = train.load_split_shards(cfg, train.read_manifest(str(manifest)), "train", _quiet)
-    batch = train.WindowSampler(shards, 3, (5e-5, 5e-4), seed=4).sample(2)
-    clean, residues, dt = train.window_inputs(batch, "cpu", torch.float64)
+def _windows(manifest, L: int, n: int):
+    """n windows of L frames of the tiny manifest, their model inputs, and a default SE3Diffuser."""
     from openmm_starmd.diffusion import SE3Diffuser
 
-    diffuser = SE3Diffuser()
+    cfg = tiny_config(manifest, Path("unused"))
+    shards, _ = train.load_split_shards(cfg, train.read_manifest(str(manifest)), "train", _quiet)
+    batch = train.WindowSampler(shards, L, (5e-5, 5e-4), seed=4).sample(n)
+    return (batch, *train.window_inputs(batch, "cpu", torch.float64), SE3Diffuser())
+
+
+def test_contextual_noise_reaches_the_clean_history_and_never_the_noisy_frames(manifest):
+    batch, clean, residues, dt, diffuser = _windows(manifest, 3, 2)
 
     def build(on):
         g = torch.Generator().manual_seed(11)
@@ -134,13 +138,7 @@ def test_contextual_noise_reaches_the_clean_history_and_never_the_noisy_frames(m
 
 
 def test_loguniform_t_sampling_puts_more_frames_near_t_min(manifest):
-    cfg = tiny_config(manifest, Path("unused"))
-    shards, _ = train.load_split_shards(cfg, train.read_manifest(str(manifest)), "train", _quiet)
-    batch = train.WindowSampler(shards, 2, (5e-5, 5e-4), seed=4).sample(1)
-    clean, residues, dt = train.window_inputs(batch, "cpu", torch.float64)
-    from openmm_starmd.diffusion import SE3Diffuser
-
-    diffuser = SE3Diffuser()
+    _, clean, residues, dt, diffuser = _windows(manifest, 2, 1)
     t_min = diffuser.config.t_min
     draws = {}
     for mode in ("uniform", "loguniform"):
