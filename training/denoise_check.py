@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from openmm_starmd.analysis.validity import CA_BREAK_NM  # noqa: E402
 from openmm_starmd.checkpoints import load_model  # noqa: E402
+from openmm_starmd.model.anchor import posterior_mean_trans  # noqa: E402
 from openmm_starmd.model.sequence import ca_centroid, training_sequence  # noqa: E402
-
 
 
 def _sibling(name: str):
@@ -60,22 +60,8 @@ DEFAULT_MANIFEST = os.path.join(HERE, "data", "manifest.json")
 ESTIMATORS = ("model", "anchor", "noisy", "posterior")
 
 
-def posterior_mean_ca(x_t_nm: torch.Tensor, anchor_nm: torch.Tensor, origin_nm: torch.Tensor,
-                      alpha: float, sigma_nm: float, prior_nm: float) -> torch.Tensor:
-    """E[x0 | x_t] under x0 ~ N(anchor, prior² I) and x_t = o + α (x0 − o) + σ ε.
-
-    Parameters
-    ----------
-    x_t_nm, anchor_nm : torch.Tensor, (..., N, 3), nm, global coordinates
-    origin_nm : torch.Tensor, (..., 3), nm, the diffusion origin
-    alpha, sigma_nm : float
-        Mean coefficient and noise standard deviation (nm) of the translation process at t.
-    prior_nm : float
-        Standard deviation of the displacement prior, nm per coordinate.
-    """
-    c = alpha * prior_nm ** 2 / (alpha ** 2 * prior_nm ** 2 + sigma_nm ** 2)
-    o = origin_nm[..., None, :]
-    return anchor_nm + c * (x_t_nm - o - alpha * (anchor_nm - o))
+#: The posterior mean of the Cα, shared with the network's "posterior" anchor.
+posterior_mean_ca = posterior_mean_trans
 
 
 def _bond_stats(pred: torch.Tensor, true: torch.Tensor, bonded: torch.Tensor) -> tuple[float, float]:

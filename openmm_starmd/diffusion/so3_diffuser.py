@@ -35,6 +35,12 @@ from .config import DiffusionConfig
 __all__ = ["SO3Diffuser"]
 
 
+def rot_sigma(config: DiffusionConfig, t) -> torch.Tensor:
+    """The IGSO(3) scale sigma(t) in rad of a schedule, without building the IGSO(3) table."""
+    growth = math.expm1(config.rot_sigma_max - config.rot_sigma_min)
+    return config.rot_sigma_min + torch.log1p(as_tensor_time(t) * growth)
+
+
 class SO3Diffuser:
     """IGSO(3) diffusion of rotation matrices (..., 3, 3), batched over any leading shape.
 
@@ -57,7 +63,7 @@ class SO3Diffuser:
     # -- schedule -------------------------------------------------------------------------
     def sigma(self, t) -> torch.Tensor:
         """sigma(t) in rad, written as sigma_min + log1p(t (e^{sigma_max - sigma_min} - 1))."""
-        return self._s0 + torch.log1p(as_tensor_time(t) * self._growth)
+        return rot_sigma(self.config, t)
 
     def g2(self, t) -> torch.Tensor:
         """Squared diffusion coefficient d sigma^2 / dt = 2 sigma sigma', rad^2 per unit time."""

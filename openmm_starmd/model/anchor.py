@@ -28,10 +28,29 @@ import torch
 
 from ..diffusion.config import DiffusionConfig
 from ..diffusion.r3_diffuser import R3Diffuser
+from ..diffusion.so3_diffuser import rot_sigma
 from ..geometry.rigid import Rigid
 from ..geometry.so3 import exp_map, log_map
 
-__all__ = ["PosteriorAnchor"]
+__all__ = ["PosteriorAnchor", "posterior_mean_trans"]
+
+
+def posterior_mean_trans(noisy_nm: torch.Tensor, anchor_nm: torch.Tensor, origin_nm: torch.Tensor,
+                         alpha, sigma_nm, prior_nm: float) -> torch.Tensor:
+    """E[x0 | x_t] under x0 ~ N(anchor, prior² I) and x_t = o + α (x0 − o) + σ ε.
+
+    Parameters
+    ----------
+    noisy_nm, anchor_nm : torch.Tensor, (..., N, 3), nm, global coordinates
+    origin_nm : torch.Tensor, (..., 3), nm, the diffusion origin
+    alpha, sigma_nm : float or torch.Tensor broadcastable to (..., N, 3)
+        Mean coefficient and noise standard deviation (nm) of the translation process at t.
+    prior_nm : float
+        Standard deviation of the displacement prior, nm per coordinate.
+    """
+    c = alpha * prior_nm ** 2 / (alpha ** 2 * prior_nm ** 2 + sigma_nm ** 2)
+    o = origin_nm[..., None, :]
+    return anchor_nm + c * (noisy_nm - o - alpha * (anchor_nm - o))
 
 
 class PosteriorAnchor:
@@ -52,9 +71,12 @@ class PosteriorAnchor:
         self.r3 = R3Diffuser(diffusion_config)
         self.prior_nm = float(prior_nm)
         self.prior_rad = float(prior_rad)
-        c = diffusion_config
-        self._s0 = c.rot_sigma_min
-        self._growth = float(torch.expm1(torch.tensor(c.rot_sigma_max - c.rot_sigma_min, dtype=torch.float64)))
+
+    def _noise(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """alpha(t), the translation noise sigma(t) in nm and the rotation sigma_r(t) in rad (float64)."""
+        t = t.to(torch.float64)
+        sigma_nm = torch.sqrt(self.r3.variance(t)) * self.config.coordinate_scale_nm
+        return self.r3.mean_coef(t), sigma_nm, rot_sigma(self.config, t)
 
     def weights(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Blend weights at diffusion times t (any shape, float64 recommended).
@@ -66,12 +88,9 @@ class PosteriorAnchor:
         c_trans, c_rot : torch.Tensor, like t, in [0, 1]
             Weight of the noisy input in the translation and rotation blends.
         """
-        t = t.to(torch.float64)
-        alpha = self.r3.mean_coef(t)
-        sigma_nm = torch.sqrt(self.r3.variance(t)) * self.config.coordinate_scale_nm
+        alpha, sigma_nm, sigma_rot = self._noise(t)
         s2 = self.prior_nm ** 2
         c_trans = alpha * s2 / (alpha ** 2 * s2 + sigma_nm ** 2)
-        sigma_rot = self._s0 + torch.log1p(t * self._growth)  # SO3Diffuser.sigma
         c_rot = self.prior_rad ** 2 / (self.prior_rad ** 2 + sigma_rot ** 2)
         return alpha, c_trans, c_rot
 
@@ -85,11 +104,8 @@ class PosteriorAnchor:
         -------
         k_trans, k_rot : torch.Tensor, like t, in (0, 1]
         """
-        t = t.to(torch.float64)
-        alpha = self.r3.mean_coef(t)
-        sigma_nm = torch.sqrt(self.r3.variance(t)) * self.config.coordinate_scale_nm
+        alpha, sigma_nm, sigma_rot = self._noise(t)
         k_trans = sigma_nm / torch.sqrt(alpha ** 2 * self.prior_nm ** 2 + sigma_nm ** 2)
-        sigma_rot = self._s0 + torch.log1p(t * self._growth)
         k_rot = sigma_rot / torch.sqrt(self.prior_rad ** 2 + sigma_rot ** 2)
         return k_trans, k_rot
 
@@ -110,10 +126,10 @@ class PosteriorAnchor:
         Rigid, batch shape (..., N), nm, in the anchor's dtype.
         """
         dtype = anchor.trans.dtype
-        alpha, c_t, c_r = (w.to(dtype)[..., None, None] for w in self.weights(t))
-        o = origin_nm.to(dtype)[..., None, :]
-        a = anchor.trans
-        trans = a + c_t * (noisy.trans.to(dtype) - o - alpha * (a - o))
+        alpha, sigma_nm, _ = (w.to(dtype)[..., None, None] for w in self._noise(t))
+        c_r = self.weights(t)[2].to(dtype)[..., None, None]
+        trans = posterior_mean_trans(noisy.trans.to(dtype), anchor.trans, origin_nm.to(dtype), alpha, sigma_nm,
+                                     self.prior_nm)
         delta = log_map(anchor.rots.transpose(-1, -2) @ noisy.rots.to(dtype))
         rots = anchor.rots @ exp_map(c_r * delta)
         return Rigid(rots, trans)
