@@ -350,9 +350,9 @@ class AutoregressiveSampler:
             "history_trans": arr(torch.stack([h[0].trans for h in self._history])) if n_hist else empty[1],
             "history_tau": arr(torch.stack([h[1] for h in self._history])) if n_hist else empty[2],
             "diffusion_origin": None if self._origin is None else arr(self._origin),
-            # the rollout keeps the last clean frame before contextual noise (the x0 anchor)
-            "anchor_rots": None if self._rollout.anchor is None else arr(self._rollout.anchor.rots),
-            "anchor_trans": None if self._rollout.anchor is None else arr(self._rollout.anchor.trans),
+            # the rollout keeps the last clean frames before contextual noise (the x0 anchor), (K, B, N, ...)
+            "anchor_rots": arr(torch.stack([a.rots for a in self._rollout.anchors])) if self._rollout.anchors else None,
+            "anchor_trans": arr(torch.stack([a.trans for a in self._rollout.anchors])) if self._rollout.anchors else None,
             "attention_origin": None if self._rollout.origin is None else arr(self._rollout.origin),
             "rng_state": arr(self.generator.get_state()),
             "seed": self.seed,
@@ -383,15 +383,18 @@ class AutoregressiveSampler:
         att = state["attention_origin"]
         self._reset(int(state["first_history_frame"]), None if att is None else tensor(att))
         rots, trans, taus = tensor(state["history_rots"]), tensor(state["history_trans"]), tensor(state["history_tau"])
-        anchor = None
-        if state.get("anchor_rots") is not None:
-            anchor = Rigid(tensor(state["anchor_rots"]), tensor(state["anchor_trans"]))
         with torch.no_grad(), self._autocast():
             for i in range(rots.shape[0]):
                 seen = Rigid(rots[i], trans[i])
-                last = i == rots.shape[0] - 1
-                self.model.append_clean(self._rollout, seen, taus[i], anchor=anchor if last else None)
+                self.model.append_clean(self._rollout, seen, taus[i])
                 self._history.append((seen, taus[i]))
+        if state.get("anchor_rots") is not None:
+            a_rots, a_trans = tensor(state["anchor_rots"]), tensor(state["anchor_trans"])
+            if a_rots.dim() == 4:  # written when the rollout kept one anchor frame: (B, N, 3, 3)
+                a_rots, a_trans = a_rots[None], a_trans[None]
+            dtype = self.model.dtype
+            self._rollout.anchors = [Rigid(r.to(dtype), t.to(dtype)) for r, t in zip(a_rots, a_trans)]
+            self._rollout.anchor = self._rollout.anchors[-1]
         if self.n_frames != int(state["n_frames"]):
             raise ValueError(f"sampler state is inconsistent: rebuilt {self.n_frames} frames, expected {state['n_frames']}.")
         origin = state["diffusion_origin"]

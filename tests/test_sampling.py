@@ -57,9 +57,9 @@ def test_fixed_seed_reproduces_a_rollout_bit_for_bit(md, diffuser):
     assert not torch.equal(other.generate(3).trans, outs[0].trans)
 
 
-@pytest.mark.parametrize("mode, window", [("window", 2), ("full", None)])
-def test_resume_from_state_dict_continues_exactly(md, diffuser, mode, window):
-    net = random_network(ModelConfig(**TINY), dtype=torch.float64)
+@pytest.mark.parametrize("mode, window, anchor_frames", [("window", 2, 1), ("full", None, 1), ("window", 2, 3)])
+def test_resume_from_state_dict_continues_exactly(md, diffuser, mode, window, anchor_frames):
+    net = random_network(ModelConfig(**TINY, anchor_frames=anchor_frames), dtype=torch.float64)
     a = _sampler(md, diffuser, net=net, n_replicas=2, seed=3, cache_mode=mode, window=window)
     a.add_history(_frame(md, 0))
     a.generate(6)  # longer than the window's reach, so truncated history is exercised

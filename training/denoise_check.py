@@ -7,11 +7,14 @@ from, without any rollout: on fixed windows of a split (fitted, as in training),
 is noised to a chosen t, the model predicts x0 in one block-causal pass (clean history with the
 default contextual noise), and the prediction is compared with the true frame. Printed next to it:
 
-- ``anchor``: "no motion", the previous clean frame (what ``x0_anchor="previous"`` starts from);
+- ``anchor``: the model's anchor without the network: the mean of the last H clean frames, H =
+  ``--anchor-frames`` (default: the model's ``anchor_frames``; H = 1 is "no motion");
+- ``previous``: "no motion", the previous clean frame (what ``x0_anchor="previous"`` starts from
+  with H = 1);
 - ``noisy``: the noisy input itself, x_t (what ``x0_anchor="noisy"`` starts from);
 - ``posterior``: the Gaussian posterior mean of the Cα given x_t and a prior N(anchor, s² I) with
   s = ``--prior-nm``: anchor + c (x_t − o − α (anchor − o)), c = α s² / (α² s² + σ²), with o the
-  diffusion origin (the anchor's Cα centroid) and α, σ of the VP schedule at t.
+  diffusion origin (the previous frame's Cα centroid) and α, σ of the VP schedule at t.
 
 Columns (means over windows, frames f ≥ 1 and valid residues): Cα RMSE (Å, no superposition; the
 windows are fitted on their first frame), mean |d_pred − d_true| of consecutive Cα (Å), and the
@@ -57,7 +60,7 @@ WindowSampler, load_split = _data.WindowSampler, _data.load_split
 window_inputs = _sibling("train").window_inputs
 
 DEFAULT_MANIFEST = os.path.join(HERE, "data", "manifest.json")
-ESTIMATORS = ("model", "anchor", "noisy", "posterior")
+ESTIMATORS = ("model", "anchor", "previous", "noisy", "posterior")
 
 
 #: The posterior mean of the Cα, shared with the network's "posterior" anchor.
@@ -71,9 +74,16 @@ def _bond_stats(pred: torch.Tensor, true: torch.Tensor, bonded: torch.Tensor) ->
     return float((d_pred - d_true).abs()[b].mean() * 10), float((d_pred[b] > CA_BREAK_NM).float().mean())
 
 
+def history_mean_ca(ca_nm: torch.Tensor, frames: int) -> torch.Tensor:
+    """Mean Cα of the last ``frames`` frames before each frame f >= 1: (B, L, N, 3) -> (B, L - 1, N, 3)."""
+    L = ca_nm.shape[1]
+    return torch.stack([ca_nm[:, max(0, f - frames):f].mean(1) for f in range(1, L)], 1)
+
+
 @torch.no_grad()
-def check(loaded, windows: dict, t: float, prior_nm: float, seed: int) -> dict:
-    """Errors of the four estimators at diffusion time ``t`` on a batch of windows."""
+def check(loaded, windows: dict, t: float, prior_nm: float, seed: int, anchor_frames: int | None = None) -> dict:
+    """Errors of the estimators at diffusion time ``t`` on a batch of windows; ``anchor_frames``
+    defaults to the model's."""
     model, diffuser = loaded.model, loaded.diffuser
     clean, residues, dt_ns = window_inputs(windows, "cpu", next(model.parameters()).dtype)
     B, L, N = clean.trans.shape[:3]
@@ -85,7 +95,8 @@ def check(loaded, windows: dict, t: float, prior_nm: float, seed: int) -> dict:
     sequence, _ = training_sequence(diffuser, clean, residues.mask, tt, dt_ns, tau=tau, generator=g)
     out = model(residues, sequence)
     true = clean.trans[:, 1:]
-    anchor = clean.trans[:, :-1]
+    previous = clean.trans[:, :-1]
+    anchor = history_mean_ca(clean.trans, anchor_frames or loaded.model_config.anchor_frames)
     noisy = sequence.frames.trans[:, L + 1:]
     pred = out.trans[:, L + 1:]
     r3 = diffuser.r3
@@ -99,7 +110,7 @@ def check(loaded, windows: dict, t: float, prior_nm: float, seed: int) -> dict:
     bonded = ((ri[:, 1:] - ri[:, :-1] == 1) & (ci[:, 1:] == ci[:, :-1]) & residues.mask[:, 1:] & residues.mask[:, :-1])
     bonded = bonded[:, None, :]
     row = {"t": float(t), "sigma_A": sigma * 10}
-    for name, est in zip(ESTIMATORS, (pred, anchor, noisy, post)):
+    for name, est in zip(ESTIMATORS, (pred, anchor, previous, noisy, post)):
         rmse = float(torch.sqrt(((est - true) ** 2).sum(-1)[mask].mean()) * 10)
         bond_err, broken = _bond_stats(est, true, bonded)
         row[name] = {"ca_rmse_A": rmse, "ca_ca_err_A": bond_err, "broken": broken}
@@ -127,6 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--dt-ns", type=float, nargs=2, default=[0.01, 0.1], metavar=("MIN", "MAX"),
                    help="Δt range of the windows, ns")
     p.add_argument("--prior-nm", type=float, default=0.1, help="displacement prior s of the posterior estimator, nm")
+    p.add_argument("--anchor-frames", type=int, default=None,
+                   help="H of the anchor estimator, the mean of the last H frames (default: the model's anchor_frames)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -137,7 +150,7 @@ def main(argv=None) -> int:
     if not shards:
         p.error(f"no shards in split {args.split!r} of {args.manifest}")
     windows = WindowSampler(shards, args.window, tuple(args.dt_ns), seed=args.seed).sample(args.windows)
-    rows = [check(loaded, windows, t, args.prior_nm, args.seed) for t in args.t]
+    rows = [check(loaded, windows, t, args.prior_nm, args.seed, args.anchor_frames) for t in args.t]
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as fh:

@@ -22,6 +22,7 @@ __all__ = [
     "rotation_angle",
     "random_rotations",
     "rotation_from_two_vectors",
+    "project_to_so3",
 ]
 
 
@@ -150,3 +151,16 @@ def rotation_from_two_vectors(e0: torch.Tensor, e1: torch.Tensor) -> torch.Tenso
     y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     z = torch.cross(x, y, dim=-1)
     return torch.stack([x, y, z], -1)
+
+
+def project_to_so3(M: torch.Tensor) -> torch.Tensor:
+    """Nearest rotation to each 3x3 matrix in the Frobenius norm: (..., 3, 3) -> (..., 3, 3).
+
+    M = U S Vᵀ  ->  R = U diag(1, 1, det(U Vᵀ)) Vᵀ. Applied to a weighted sum of rotations it gives
+    their chordal L2 mean, which commutes with left and right multiplication by rotations.
+    Undefined for rank-deficient M (e.g. two rotations 180° apart averaged with equal weight).
+    """
+    U, _, Vh = torch.linalg.svd(M)
+    d = torch.det(U @ Vh)
+    U = torch.cat([U[..., :2], U[..., 2:] * d[..., None, None]], dim=-1)
+    return U @ Vh

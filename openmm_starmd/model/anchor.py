@@ -1,4 +1,16 @@
-"""The "posterior" x0 anchor: the frame each residue's predicted clean frame is an update of.
+"""The x0 anchors: the frame each residue's predicted clean frame is an update of.
+
+Two parts: the *history mean* (``ModelConfig.anchor_frames`` > 1) replaces "the previous frame" by
+the mean of the last H clean frames (before contextual noise) as the anchor of "previous" and the
+prior centre of "posterior" (:func:`history_weights`, :func:`mean_frames`); and the "posterior"
+blend of that centre with the noisy input (:class:`PosteriorAnchor`).
+
+Why a history mean: at frame spacings of 10 ps and more, MD Cα positions fluctuate about a slowly
+moving mean, so the mean of the last 7 frames predicts the next frame better than the last frame
+does (Cα RMSE 20 % lower on 11 of our 12 shards at Δt = 0.01-0.1 ns, e.g. crambin 0.55 vs 0.70 Å,
+1ENH 0.65 vs 0.82 Å), and it keeps chain geometry (mean consecutive Cα-Cα 3.76-3.84 Å). It also
+makes the "unsure network" default mean-reverting: "no motion" about the previous frame turns
+per-frame errors into a random walk, the mean about the history damps them.
 
 Which part of STAR-MD: the output parameterisation of the denoiser (our choice; the paper keeps
 FrameDiff's, see :class:`openmm_starmd.model.config.ModelConfig` ``x0_anchor``). The network
@@ -30,9 +42,58 @@ from ..diffusion.config import DiffusionConfig
 from ..diffusion.r3_diffuser import R3Diffuser
 from ..diffusion.so3_diffuser import rot_sigma
 from ..geometry.rigid import Rigid
-from ..geometry.so3 import exp_map, log_map
+from ..geometry.so3 import exp_map, log_map, project_to_so3
 
-__all__ = ["PosteriorAnchor", "posterior_mean_trans"]
+__all__ = ["PosteriorAnchor", "posterior_mean_trans", "history_weights", "mean_frames"]
+
+
+def history_weights(frame_index: torch.Tensor, noisy: torch.Tensor, frames: int) -> torch.Tensor:
+    """Averaging weights of the history-mean anchor over the slots of a block-causal sequence.
+
+    Parameters
+    ----------
+    frame_index : torch.Tensor, shape (S,), long
+    noisy : torch.Tensor, shape (S,), bool
+    frames : int
+        H, how many of the most recent clean frames a noisy slot averages.
+
+    Returns
+    -------
+    torch.Tensor, shape (S, S), float64
+        Row s: equal weights on the clean slots of frames f_s - H .. f_s - 1 when slot s is noisy
+        and has at least one of them; otherwise 1 on slot s itself (clean slots, and the first
+        frame of a window, keep their own frame).
+    """
+    f = frame_index
+    inside = (f[None, :] < f[:, None]) & (f[None, :] >= f[:, None] - frames)
+    w = (noisy[:, None] & ~noisy[None, :] & inside).to(torch.float64)
+    count = w.sum(dim=1, keepdim=True)
+    own = torch.eye(f.shape[0], dtype=torch.float64, device=f.device)
+    return torch.where(count > 0, w / count.clamp_min(1), own)
+
+
+def mean_frames(rots: torch.Tensor, trans: torch.Tensor, weights: torch.Tensor) -> Rigid:
+    """Weighted means of frames along a slot axis: arithmetic for the Cα, chordal for rotations.
+
+    Parameters
+    ----------
+    rots : torch.Tensor, (B, T, N, 3, 3); trans : torch.Tensor, (B, T, N, 3), nm
+    weights : torch.Tensor, (S, T), rows summing to 1
+
+    Returns
+    -------
+    Rigid, batch shape (B, S, N), nm. A row with a single weight of 1 returns that frame exactly.
+    """
+    w = weights.to(trans.dtype)
+    mean_t = torch.einsum("st,btnc->bsnc", w, trans)
+    mean_r = project_to_so3(torch.einsum("st,btnij->bsnij", w, rots))
+    single = (weights == 1).any(dim=1)
+    if bool(single.any()):  # keep those exact (the SVD would return them up to rounding)
+        pick = weights.argmax(dim=1)
+        mask = single[None, :, None]
+        mean_t = torch.where(mask[..., None], trans[:, pick], mean_t)
+        mean_r = torch.where(mask[..., None, None], rots[:, pick], mean_r)
+    return Rigid(mean_r, mean_t)
 
 
 def posterior_mean_trans(noisy_nm: torch.Tensor, anchor_nm: torch.Tensor, origin_nm: torch.Tensor,

@@ -61,7 +61,7 @@ class ModelConfig(JsonConfig):
         different chains are far apart in rotary position (larger than any residue-number span).
     rope_base_residue, rope_base_frame : float
         RoPE wavelength bases for the residue and frame axes.
-    x0_anchor : {"previous", "noisy"}
+    x0_anchor : {"previous", "noisy", "posterior"}
         The frame each residue's predicted x0 is a rigid update of. "noisy" is FrameDiff's
         choice: x0 = noisy frame ∘ update, so at high noise the network must place every residue
         absolutely. "previous" (default) anchors the update on the same residue's frame in the
@@ -88,6 +88,14 @@ class ModelConfig(JsonConfig):
         and per-axis rotation (rad) between consecutive frames. Measured on our fitted MD windows
         at Δt 0.01–0.14 ns: 0.06–0.08 nm and 0.23–0.26 rad; the defaults (0.1 nm, 0.25 rad) allow
         for the longer steps of Δt ≈ 1 ns. The network learns the correction either way.
+    anchor_frames : int
+        H, how many of the most recent clean frames (before contextual noise) make the anchor of
+        "previous" and the prior centre of "posterior": 1 (default) is the previous frame; H > 1
+        their mean (arithmetic for the Cα, chordal for rotations), over the frames available
+        (frame f of a training window averages frames max(0, f - H) .. f - 1; a rollout the last
+        H frames it appended). Measured on our MD shards, the mean of the last 7 frames predicts
+        the next one 20 % better than the last frame (:mod:`openmm_starmd.model.anchor`).
+        Ignored by "noisy".
     """
 
     width: int = 128
@@ -111,6 +119,7 @@ class ModelConfig(JsonConfig):
     x0_anchor: str = "previous"
     anchor_prior_nm: float = 0.1
     anchor_prior_rad: float = 0.25
+    anchor_frames: int = 1
 
     def __post_init__(self):
         if self.attention not in _ATTENTION_MODES:
@@ -125,6 +134,11 @@ class ModelConfig(JsonConfig):
             raise ValueError(
                 f"ModelConfig.anchor_prior_nm={self.anchor_prior_nm} and anchor_prior_rad={self.anchor_prior_rad} must "
                 "be > 0 (prior standard deviations in nm and rad)."
+            )
+        if not (isinstance(self.anchor_frames, int) and self.anchor_frames >= 1):
+            raise ValueError(
+                f"ModelConfig.anchor_frames={self.anchor_frames!r} must be an integer >= 1 (1: the previous frame; "
+                "H > 1: the mean of the last H frames)."
             )
         if self.width % self.heads:
             raise ValueError(

@@ -11,7 +11,8 @@ given clean history frames and one noisy frame per slot, predicts the clean fram
 - Output (noisy slots): an AdaLN-modulated linear head gives a rotation vector ω (rad) and a
   translation u (nm) in a base frame's local frame; x0 = T_base ∘ (exp(ω), u), which keeps the
   prediction SE(3)-equivariant. The base is ``ModelConfig.x0_anchor``'s: the noisy input
-  (FrameDiff), the previous frame before contextual noise, or their posterior-mean blend
+  (FrameDiff), the previous frame before contextual noise (or the mean of the last
+  ``anchor_frames`` of them), or its posterior-mean blend with the noisy input
   (:mod:`openmm_starmd.model.anchor`). The head starts at zero, i.e. x0 = base at initialisation.
 - We do not update frames between layers (no IPA-style backbone update): clean frames are pure
   conditioning, and keeping every layer's points on the input frames lets the KV cache store keys
@@ -30,7 +31,7 @@ Under ``torch.autocast`` (bf16 on CUDA) the linear layers run in low precision w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ from ..geometry.rigid import Rigid, compose
 from ..geometry.so3 import exp_map
 from ..diffusion.config import DiffusionConfig
 from .adaln import AdaLNLayer, modulate
-from .anchor import PosteriorAnchor
+from .anchor import PosteriorAnchor, history_weights, mean_frames
 from .attention import FullContext
 from .conditioning import Conditioning
 from .config import ModelConfig
@@ -67,7 +68,10 @@ class Rollout:
         RoPE angles of the residue positions.
     anchor : Rigid or None, batch shape (B, N), nm
         The last appended clean frame before contextual noise: the x0 anchor of the next noisy
-        frame when ``config.x0_anchor`` is "previous" or "posterior".
+        frame when ``config.x0_anchor`` is "previous" or "posterior" (and its diffusion origin).
+    anchors : list of Rigid, batch shape (B, N), nm
+        The last ``config.anchor_frames`` of them, oldest first, whose mean is the anchor when
+        ``anchor_frames`` > 1.
     """
 
     residues: ResidueFeatures
@@ -77,6 +81,7 @@ class Rollout:
     token_base: torch.Tensor
     residue_angles: torch.Tensor
     anchor: Rigid | None = None
+    anchors: list = field(default_factory=list)
 
     @property
     def n_frames(self) -> int:
@@ -250,11 +255,16 @@ class StarMDNetwork(nn.Module):
                 rots = torch.where(noisy[:, None, None, None], frames.rots, anchors.rots)
                 trans = torch.where(noisy[:, None, None], frames.trans, anchors.trans)
                 frames = Rigid(rots, trans)
-            frames = Rigid(frames.rots[:, slots], frames.trans[:, slots])
+            previous = Rigid(frames.rots[:, slots], frames.trans[:, slots])
+            if self.config.anchor_frames > 1:
+                weights = history_weights(sequence.frame_index, sequence.noisy, self.config.anchor_frames)
+                frames = mean_frames(frames.rots, frames.trans, weights.to(frames.trans.device))
+            else:
+                frames = previous
             if self._posterior is not None:
                 # noisy slots with a predecessor blend it with their own input; the rest keep it
                 blend = sequence.noisy & (slots != torch.arange(slots.shape[0], device=slots.device))
-                origin_nm = ca_centroid(frames, mask[:, None])
+                origin_nm = ca_centroid(previous, mask[:, None])
                 base = self._posterior.base(frames, own, origin_nm, sequence.noise_level)
                 pick = blend[None, :, None]
                 frames = Rigid(torch.where(pick[..., None, None], base.rots, frames.rots),
@@ -338,6 +348,7 @@ class StarMDNetwork(nn.Module):
         if anchor is not None:
             self._check_finite(anchor, rollout.residues.mask, "history anchor frames")
         rollout.anchor = self._prepare_frames(anchor if anchor is not None else frames, rollout.residues.mask)
+        rollout.anchors = (rollout.anchors + [rollout.anchor])[-self.config.anchor_frames:]
         frame = rollout.cache.next_frame()
         tau = torch.as_tensor(tau, dtype=torch.float64, device=rollout.dt_ns.device).reshape(-1).expand(rollout.dt_ns.shape)
         self._slot_pass(rollout, frames, tau, noisy=False, frame=frame)
@@ -362,9 +373,15 @@ class StarMDNetwork(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float64, device=rollout.dt_ns.device).reshape(-1).expand(rollout.dt_ns.shape)
         x, cond, frames = self._slot_pass(rollout, noisy, t, noisy=True, frame=frame)
         if self.config.x0_anchor in ("previous", "posterior") and rollout.anchor is not None:
-            anchor = Rigid(rollout.anchor.rots[:, None], rollout.anchor.trans[:, None])
+            previous = Rigid(rollout.anchor.rots[:, None], rollout.anchor.trans[:, None])
+            anchor = previous
+            if self.config.anchor_frames > 1:
+                K = len(rollout.anchors)
+                weights = torch.full((1, K), 1.0 / K, dtype=torch.float64, device=previous.trans.device)
+                anchor = mean_frames(torch.stack([a.rots for a in rollout.anchors], 1),
+                                     torch.stack([a.trans for a in rollout.anchors], 1), weights)
             if self._posterior is not None:
-                origin_nm = ca_centroid(anchor, rollout.residues.mask[:, None])
+                origin_nm = ca_centroid(previous, rollout.residues.mask[:, None])
                 anchor = self._posterior.base(anchor, frames, origin_nm, t[:, None])
                 out = self._head(x, cond, anchor, t[:, None], torch.ones_like(t[:, None], dtype=torch.bool))
                 return Rigid(out.rots[:, 0], out.trans[:, 0])

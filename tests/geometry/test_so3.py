@@ -11,6 +11,7 @@ from openmm_starmd.geometry.so3 import (
     exp_map,
     hat,
     log_map,
+    project_to_so3,
     quaternion_to_matrix,
     random_rotations,
     rotation_angle,
@@ -183,3 +184,15 @@ def test_exp_map_gradient_is_finite_at_zero():
     w = torch.zeros(4, 3, dtype=F64, requires_grad=True)
     (exp_map(w) * M).sum().backward()
     torch.testing.assert_close(w.grad, 2 * vee(M))
+
+
+def test_projection_recovers_a_rotation_from_a_perturbed_matrix():
+    g = torch.Generator().manual_seed(0)
+    R = random_rotations((50,), generator=g, dtype=torch.float64)
+    assert torch.allclose(project_to_so3(R), R, atol=1e-12)
+    P = project_to_so3(R + 0.05 * torch.randn(50, 3, 3, generator=g, dtype=torch.float64))
+    assert torch.allclose(torch.det(P), torch.ones(50, dtype=torch.float64))
+    assert (log_map(R.transpose(-1, -2) @ P).norm(dim=-1) < 0.2).all()
+    # a reflection-free result even where the plain SVD factor U V^T would be a reflection
+    flipped = -R  # det -1
+    assert torch.allclose(torch.det(project_to_so3(flipped)), torch.ones(50, dtype=torch.float64))

@@ -118,4 +118,5 @@ LAYOUTS = {
     "separable": dict(TINY, attention="separable"),
     "noisy_anchor": dict(TINY, x0_anchor="noisy"),
     "posterior_anchor": dict(TINY, x0_anchor="posterior"),
+    "posterior_history_mean": dict(TINY, x0_anchor="posterior", anchor_frames=3),
 }

@@ -11,30 +11,34 @@ from training_helpers import TRAINING, load_training_module
 denoise_check = load_training_module("denoise_check")
 
 
-def _fresh_model(tmp_path, anchor: str):
+def _fresh_model(tmp_path, anchor: str, anchor_frames: int = 1):
     from openmm_starmd.checkpoints import save_model
     from openmm_starmd.diffusion import DiffusionConfig
     from openmm_starmd.model import ModelConfig, StarMDNetwork
 
     torch.manual_seed(0)
     net = StarMDNetwork(ModelConfig(width=32, heads=4, blocks=1, query_points=2, value_points=2, time_fourier=4,
-                                    dt_fourier=4, x0_anchor=anchor))
-    path = tmp_path / f"fresh_{anchor}.pt"
+                                    dt_fourier=4, x0_anchor=anchor, anchor_frames=anchor_frames))
+    path = tmp_path / f"fresh_{anchor}_{anchor_frames}.pt"
     save_model(str(path), net, DiffusionConfig())
     return path
 
 
-@pytest.mark.parametrize("anchor, same_as", [("previous", "anchor"), ("noisy", "noisy"), ("posterior", "posterior")])
-def test_a_fresh_network_scores_exactly_as_its_base(tmp_path, anchor, same_as):
+@pytest.mark.parametrize("anchor, frames, same_as", [("previous", 1, "previous"), ("previous", 3, "anchor"),
+                                                     ("noisy", 1, "noisy"), ("posterior", 1, "posterior"),
+                                                     ("posterior", 3, "posterior")])
+def test_a_fresh_network_scores_exactly_as_its_base(tmp_path, anchor, frames, same_as):
     """A zero-head network returns its base, so its column equals that estimator's, and differs from the others."""
     out = tmp_path / "rows.json"
-    assert denoise_check.main([str(_fresh_model(tmp_path, anchor)), "--manifest", str(TRAINING / "data" / "manifest.json"),
+    model = _fresh_model(tmp_path, anchor, frames)
+    assert denoise_check.main([str(model), "--manifest", str(TRAINING / "data" / "manifest.json"),
                                "--split", "test", "--t", "0.001", "0.1", "--windows", "3", "--window", "4",
                                "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["t"] for r in rows] == [0.001, 0.1]
     for r in rows:
         assert r["model"] == pytest.approx(r[same_as], rel=1e-4, abs=1e-6)
+        assert (r["anchor"] == r["previous"]) == (frames == 1)
         # real MD windows: no motion keeps MD's Cα-Cα (error ~0.06 Å), x_t at t = 0.1 is 3 Å off
         assert r["anchor"]["ca_ca_err_A"] < 0.2
     assert rows[1]["noisy"]["ca_rmse_A"] > 3 * rows[1]["anchor"]["ca_rmse_A"]
