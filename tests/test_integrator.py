@@ -331,10 +331,11 @@ def _trained_model():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the bundled model is an interim one (1500 CPU steps on 1.7 ns of two small proteins, see "
-    "openmm_starmd/data/MODEL_CARD.md): on unseen crambin its generated Cα-Cα distances spread to 2.0-4.9 Å within "
-    "6 frames, so the restrained minimisation keeps the peptide bonds but not the Cα within 0.1 Å (measured "
-    "0.13-0.31 Å). strict: remove this marker when a model trained on the mini-ATLAS floor makes it pass.",
+    reason="the bundled model is an interim one (4000 CPU steps on 5.4 ns of five small proteins, see "
+    "openmm_starmd/data/MODEL_CARD.md): on unseen crambin its generated consecutive Cα-Cα spread to 2.4-5.3 Å "
+    "within 10 frames (Δt = 0.1 ns; this test asks for 1 ns, beyond its trained 0.01-0.19 ns), so the restrained "
+    "minimisation keeps the peptide bonds but not the Cα within 0.1 Å (measured 0.22 Å; the previous interim "
+    "model 0.13-0.31 Å). strict: remove this marker when a model trained on the mini-ATLAS floor makes it pass.",
 )
 def test_backmapped_generated_frames_keep_peptide_bonds_and_ca(crambin_pdb):
     model = _trained_model()
@@ -353,7 +354,7 @@ def test_backmapped_generated_frames_keep_peptide_bonds_and_ca(crambin_pdb):
         bonds = 10 * np.linalg.norm(x[n[1:]] - x[c[:-1]], axis=-1)
         assert 1.25 < bonds.min() and bonds.max() < 1.45, f"step {step}"
         rmsd = 10 * np.sqrt(np.mean(np.sum((x[ca] - frames.trans.numpy()) ** 2, -1)))
-        assert rmsd < 0.1, f"step {step}"
+        assert rmsd < 0.1, f"step {step}: Cα RMSD {rmsd:.3f} Å"
 
 
 def test_state_file_tree_round_trip():

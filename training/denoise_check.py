@@ -145,7 +145,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
+    try:
+        loaded = load_model(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        p.error(str(exc))
     shards = load_split(args.manifest, args.split)
     if not shards:
         p.error(f"no shards in split {args.split!r} of {args.manifest}")

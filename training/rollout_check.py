@@ -164,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="reverse diffusion steps (default: the model's)")
     p.add_argument("--ode", action="store_true", default=None, help="probability-flow ODE instead of the reverse SDE")
     p.add_argument("--noise-scale", type=float, default=None, help="SDE noise multiplier (default: the model's)")
+    p.add_argument("--t-min", type=float, default=None,
+                   help="diffusion time of the last network pass, whose x0 is the frame (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -180,13 +182,16 @@ def main(argv=None) -> int:
     missing = sorted(set(args.proteins or []) - set(entries))
     if missing:
         p.error(f"no replica-0 shard of {missing} in {args.manifest}; see `python training/prepare.py --summary`.")
-    loaded = load_model(args.model)
+    try:
+        loaded = load_model(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        p.error(str(exc))
     rows = []
     for name in (args.proteins or sorted(entries)):
         shard = load_shard(os.path.join(base, entries[name]["file"]), entries[name]["sha256"])
         for dt in args.dt_ns:
             rows.append(check_protein(loaded, shard, dt, args.frames, args.history, args.seed, args.steps,
-                                      ode=args.ode, noise_scale=args.noise_scale))
+                                      ode=args.ode, noise_scale=args.noise_scale, t_min=args.t_min))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     print(markdown(rows))
     if args.json:

@@ -54,3 +54,10 @@ def test_posterior_mean_ca_limits():
     o = torch.zeros(1, 3, dtype=torch.float64)
     assert torch.allclose(denoise_check.posterior_mean_ca(x, a, o, 1.0, 1e-6, 0.1), x, atol=1e-8)
     assert torch.allclose(denoise_check.posterior_mean_ca(x, a, o, 0.5, 10.0, 0.1), a, atol=1e-3)
+
+
+def test_a_missing_model_file_is_a_clear_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        denoise_check.main([str(tmp_path / "nope.pt")])
+    assert exc.value.code == 2
+    assert "nope.pt does not exist" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from training_helpers import TRAINING, load_training_module
 
@@ -66,3 +67,10 @@ def test_rollout_of_a_fresh_model_on_a_real_shard(tmp_path):
     assert row["protein"] == "2M9I" and row["frames"] == 3 and row["dt_ns"] == 0.01
     assert row["ca_validity"] == 1.0 and row["ref_ca_validity"] == 1.0
     assert 3.6 < row["ca_ca_A"][1] < 4.0 and row["drift_A"] < 1.0
+
+
+def test_a_missing_model_file_is_a_clear_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        rollout_check.main([str(tmp_path / "nope.pt")])
+    assert exc.value.code == 2
+    assert "nope.pt does not exist" in capsys.readouterr().err
