@@ -258,7 +258,8 @@ class StarMDNetwork(nn.Module):
             previous = Rigid(frames.rots[:, slots], frames.trans[:, slots])
             if self.config.anchor_frames > 1:
                 weights = history_weights(sequence.frame_index, sequence.noisy, self.config.anchor_frames)
-                frames = mean_frames(frames.rots, frames.trans, weights.to(frames.trans.device))
+                with _no_autocast(frames.trans.device):  # geometry stays in the parameter dtype
+                    frames = mean_frames(frames.rots, frames.trans, weights.to(frames.trans.device))
             else:
                 frames = previous
             if self._posterior is not None:
@@ -378,8 +379,9 @@ class StarMDNetwork(nn.Module):
             if self.config.anchor_frames > 1:
                 K = len(rollout.anchors)
                 weights = torch.full((1, K), 1.0 / K, dtype=torch.float64, device=previous.trans.device)
-                anchor = mean_frames(torch.stack([a.rots for a in rollout.anchors], 1),
-                                     torch.stack([a.trans for a in rollout.anchors], 1), weights)
+                with _no_autocast(previous.trans.device):  # geometry stays in the parameter dtype
+                    anchor = mean_frames(torch.stack([a.rots for a in rollout.anchors], 1),
+                                         torch.stack([a.trans for a in rollout.anchors], 1), weights)
             if self._posterior is not None:
                 origin_nm = ca_centroid(previous, rollout.residues.mask[:, None])
                 anchor = self._posterior.base(anchor, frames, origin_nm, t[:, None])

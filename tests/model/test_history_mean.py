@@ -77,3 +77,24 @@ def test_rollout_keeps_only_the_last_h_anchor_frames(short_md):
 def test_anchor_frames_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match="anchor_frames"):
         ModelConfig(**TINY, anchor_frames=bad)
+
+
+def test_history_mean_stays_in_float32_under_bf16_autocast(short_md):
+    """A fresh network returns the mean itself; under autocast it must not be computed in bf16
+    (which would move Cα by ~0.01 nm)."""
+    net = StarMDNetwork(ModelConfig(**TINY, anchor_frames=3)).float()
+    frames = Rigid(short_md["frames"].rots.float(), short_md["frames"].trans.float())
+    seq = training_layout(frames, 4, context_noise_nm=0.05)
+    res = residues_of(short_md)
+    with torch.no_grad():
+        ref = net(res, seq)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(res, seq)
+        rollout = net.start_rollout(res, seq.dt_ns)
+        for i in range(3):
+            net.append_clean(rollout, Rigid(seq.frames.rots[:, i], seq.frames.trans[:, i]), 0.0,
+                             anchor=Rigid(seq.anchor_frames.rots[:, i], seq.anchor_frames.trans[:, i]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cached = net.denoise(rollout, Rigid(seq.frames.rots[:, 7], seq.frames.trans[:, 7]), 0.5)
+    assert (low.trans - ref.trans).abs().max() < 1e-5
+    assert (cached.trans - ref.trans[:, 7]).abs().max() < 1e-5
