@@ -21,6 +21,10 @@ term               weight  definition (per frame, mean over valid residues)
                            only for frames with t <= ``aux_t_filter`` = 0.25.
 ``dist_mat``       0.25    mean (d_pred - d)^2 over pairs of those atoms closer than 0.6 nm in
                            the target, Å^2, same t filter.
+``chain``          0       optional: mean (d_pred - d)^2 of the bonded-neighbour distances the
+                           validity metrics judge, Cα(i)-Cα(i+1) and C(i)-N(i+1) of consecutive
+                           residues of one chain, Å^2, same t filter, *not* scaled by the 0.25.
+                           In the distance map these two pairs are 2 of ~40 partners per atom.
 ``fape``           0       optional backbone FAPE on the Cα (AlphaFold), clamp 1 nm, length
                            scale 1 nm (unitless), same t filter, *not* scaled by the 0.25 (as
                            FrameDiff's); 0.5 enables it. Off by default: on the short 1ENH MD
@@ -56,10 +60,11 @@ from openmm_starmd.geometry.frames import backbone_from_frames
 from openmm_starmd.geometry.rigid import Rigid, invert_apply
 from openmm_starmd.model.sequence import DiffusionTargets, shift_frames
 
-__all__ = ["LossConfig", "LOSS_TERMS", "starmd_loss", "backbone_atom_loss", "distance_map_loss", "backbone_fape"]
+__all__ = ["LossConfig", "LOSS_TERMS", "starmd_loss", "backbone_atom_loss", "distance_map_loss", "chain_bond_loss",
+           "backbone_fape"]
 
 #: Names of the per-term values :func:`starmd_loss` returns besides ``loss``.
-LOSS_TERMS = ("trans", "rot", "bb_atom", "dist_mat", "fape")
+LOSS_TERMS = ("trans", "rot", "bb_atom", "dist_mat", "chain", "fape")
 
 _ANGSTROM_PER_NM = 10.0
 
@@ -80,6 +85,9 @@ class LossConfig:
         Auxiliary losses apply only to frames with t <= this.
     bb_atom_weight, dist_mat_weight : float
         Relative weights inside the auxiliary group (0 switches a term off and skips its cost).
+    chain_weight : float
+        Weight of the bonded-neighbour distance loss (:func:`chain_bond_loss`; not multiplied by
+        ``aux_weight``; 0, the default, skips it).
     fape_weight : float
         Weight of the backbone FAPE (not multiplied by ``aux_weight``; 0 skips it).
     dist_cutoff_nm : float
@@ -103,14 +111,15 @@ class LossConfig:
     aux_t_filter: float = 0.25
     bb_atom_weight: float = 1.0
     dist_mat_weight: float = 1.0
+    chain_weight: float = 0.0
     fape_weight: float = 0.0
     dist_cutoff_nm: float = 0.6
     fape_clamp_nm: float = 1.0
     first_frame_weight: float = 0.0
 
     def __post_init__(self):
-        for name in ("trans_weight", "rot_weight", "aux_weight", "bb_atom_weight", "dist_mat_weight", "fape_weight",
-                     "first_frame_weight"):
+        for name in ("trans_weight", "rot_weight", "aux_weight", "bb_atom_weight", "dist_mat_weight", "chain_weight",
+                     "fape_weight", "first_frame_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"LossConfig.{name}={getattr(self, name)} must be >= 0; use 0 to switch a term off.")
         if not (self.dist_cutoff_nm > 0 and self.fape_clamp_nm > 0):
@@ -176,6 +185,30 @@ def distance_map_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     pairs &= ~torch.eye(N * A, dtype=torch.bool, device=pred.device)
     w = pairs.to(p.dtype)
     return ((dp - dq).pow(2) * w).sum((-1, -2)) / w.sum((-1, -2)).clamp_min(1.0)
+
+
+def chain_bond_loss(pred: torch.Tensor, target: torch.Tensor, bonded: torch.Tensor) -> torch.Tensor:
+    """Squared error of the Cα(i)-Cα(i+1) and C(i)-N(i+1) distances per frame.
+
+    Parameters
+    ----------
+    pred, target : torch.Tensor, shape (K, N, A, 3), nm
+        Backbone atoms (N, CA, C, ...) per residue.
+    bonded : torch.Tensor, shape (K, N - 1), bool
+        Whether residues i and i + 1 are both valid and in one chain.
+
+    Returns
+    -------
+    torch.Tensor, shape (K,), Å^2
+        Mean over bonded pairs of the two squared distance errors (0 for a frame without any).
+    """
+    def pair_lengths(x):
+        ca = (x[:, 1:, 1] - x[:, :-1, 1]).pow(2).sum(-1)
+        cn = (x[:, 1:, 0] - x[:, :-1, 2]).pow(2).sum(-1)
+        return ((torch.stack([ca, cn], -1) + 1e-10).sqrt()) * _ANGSTROM_PER_NM  # (K, N-1, 2), Å
+
+    err = (pair_lengths(pred) - pair_lengths(target)).pow(2).mean(-1)
+    return _residue_mean(err, bonded)
 
 
 def backbone_fape(pred: Rigid, target: Rigid, mask: torch.Tensor, clamp_nm: float) -> torch.Tensor:
@@ -267,9 +300,10 @@ def starmd_loss(
 
     aux = (t <= cfg.aux_t_filter) & trained
     nan = pred_x0.trans.new_tensor(float("nan"))
-    terms.update(bb_atom=nan, dist_mat=nan, fape=nan)
+    terms.update(bb_atom=nan, dist_mat=nan, chain=nan, fape=nan)
     want = {k: getattr(cfg, f"{k}_weight") > 0 and cfg.aux_weight > 0 for k in ("bb_atom", "dist_mat")}
     want["fape"] = cfg.fape_weight > 0
+    want["chain"] = cfg.chain_weight > 0
     if any(want.values()) and bool(aux.any()):
         # only the selected frames: the distance map is (4N)^2 per frame
         sel_pred = Rigid(pred_x0.rots[aux], pred_x0.trans[aux])
@@ -280,7 +314,7 @@ def starmd_loss(
         own_chain = -1 - torch.arange(N, device=mask.device)
         chains = torch.where(mask, chain_index, own_chain)[:, None].expand(B, L, -1)[aux]
         aux_loss = torch.zeros(sel_mask.shape[0], dtype=dtype, device=sel_mask.device)  # weighted, per frame
-        if want["bb_atom"] or want["dist_mat"]:
+        if want["bb_atom"] or want["dist_mat"] or want["chain"]:
             atoms_pred = backbone_from_frames(sel_pred, chain_index=chains)
             with torch.no_grad():
                 atoms_true = backbone_from_frames(sel_true, chain_index=chains)
@@ -292,6 +326,11 @@ def starmd_loss(
                 dm = distance_map_loss(atoms_pred, atoms_true, sel_mask, cfg.dist_cutoff_nm)
                 aux_loss = aux_loss + cfg.aux_weight * cfg.dist_mat_weight * dm
                 terms["dist_mat"] = dm.detach().mean()
+            if want["chain"]:
+                bonded = sel_mask[:, 1:] & sel_mask[:, :-1] & (chains[:, 1:] == chains[:, :-1])
+                ch = chain_bond_loss(atoms_pred, atoms_true, bonded)
+                aux_loss = aux_loss + cfg.chain_weight * ch
+                terms["chain"] = ch.detach().mean()
         if want["fape"]:
             fape = backbone_fape(sel_pred, sel_true, sel_mask, cfg.fape_clamp_nm)
             aux_loss = aux_loss + cfg.fape_weight * fape

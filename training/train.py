@@ -523,7 +523,7 @@ def plot_log(csv_path, png_path) -> Path:
         rows = list(csv.DictReader(fh))
 
     def series(split, key):
-        pts = [(int(r["step"]), float(r[key])) for r in rows if r["split"] == split and r[key] not in ("", "nan")]
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r["split"] == split and r.get(key, "") not in ("", "nan")]
         return zip(*pts) if pts else ((), ())
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))

@@ -186,3 +186,44 @@ def test_frame_zero_has_no_history_and_is_not_trained_by_default(window):
     assert float(losses.starmd_loss(diffuser, Rigid(frames.rots, wrecked + 0.01), targets, mask, chains, every)["loss"]) > float(base)
     with pytest.raises(ValueError, match="first_frame_weight"):
         losses.LossConfig(first_frame_weight=-1.0)
+
+
+def test_chain_term_is_the_bonded_distance_error_in_angstrom_and_skips_breaks(window):
+    frames, mask, chains = window
+    true = Rigid(frames.rots[0], frames.trans[0])  # (3 frames, N)
+    atoms_true = backbone_from_frames(true, chain_index=chains[0])
+    K, N = true.trans.shape[:2]
+    bonded = torch.ones(K, N - 1, dtype=torch.bool)
+    # a rigid motion of the whole prediction changes no bonded distance
+    q = random_rotations((), generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    moved = Rigid(q @ true.rots, true.trans @ q.T + 0.7)
+    zero = losses.chain_bond_loss(backbone_from_frames(moved, chain_index=chains[0]), atoms_true, bonded)
+    assert (zero < 1e-12).all()
+    # residues 10.. shifted 1 Å along the Cα(9)->Cα(10) bond: that Cα-Cα grows by exactly 1 Å and
+    # C(9)-N(10) by the projection of the shift on it; every other bonded pair is unchanged
+    u = true.trans[:, 10] - true.trans[:, 9]
+    u = u / u.norm(dim=-1, keepdim=True)
+    trans = true.trans.clone()
+    trans[:, 10:] += 0.1 * u[:, None]
+    pred = Rigid(true.rots, trans)
+    atoms_pred = backbone_from_frames(pred, chain_index=chains[0])
+    cn_true = (atoms_true[:, 10, 0] - atoms_true[:, 9, 2]).norm(dim=-1) * 10
+    cn_pred = (atoms_pred[:, 10, 0] - atoms_pred[:, 9, 2]).norm(dim=-1) * 10
+    expected = (1.0 + (cn_pred - cn_true) ** 2) / 2 / (N - 1)
+    torch.testing.assert_close(losses.chain_bond_loss(atoms_pred, atoms_true, bonded), expected, rtol=1e-7, atol=1e-10)
+    # the same pair across a chain break does not count
+    bonded[:, 9] = False
+    assert (losses.chain_bond_loss(atoms_pred, atoms_true, bonded) < 1e-12).all()
+
+
+def test_chain_weight_adds_the_chain_term_with_its_own_weight(window):
+    frames, mask, chains = window
+    g = torch.Generator().manual_seed(5)
+    pred = Rigid(frames.rots, frames.trans + 0.03 * torch.randn(frames.trans.shape, generator=g, dtype=torch.float64))
+    small_t = torch.tensor([[0.02, 0.1, 0.25], [0.05, 0.15, 0.2]], dtype=torch.float64)
+    targets = _targets(frames, mask, small_t)
+    off = losses.starmd_loss(SE3Diffuser(), pred, targets, mask, chains)
+    assert math.isnan(float(off["chain"]))  # off by default: the old objective, unchanged
+    on = losses.starmd_loss(SE3Diffuser(), pred, targets, mask, chains, losses.LossConfig(chain_weight=2.0))
+    assert float(on["chain"]) > 0
+    assert float(on["loss"] - off["loss"]) == pytest.approx(2.0 * float(on["chain"]), rel=1e-9)
