@@ -1,6 +1,7 @@
 """Export the EMA weights of a training checkpoint as a model file, without training further.
 
     python training/export.py training/runs/default/checkpoint.pt model.pt
+    python training/export.py CKPT model.pt --sampling t_min=0.05     # recommended sampler settings
 
 Useful when a run was stopped early (SIGTERM / --stop-after) and its end-of-training ``--export``
 never happened. The model file is what ``openmm_starmd.checkpoints.load_model`` and
@@ -22,7 +23,13 @@ from openmm_starmd.model.network import StarMDNetwork  # noqa: E402
 from openmm_starmd.sampling import SamplingConfig  # noqa: E402
 
 
-def export(checkpoint, out, note: str | None = None) -> Path:
+def export(checkpoint, out, note: str | None = None, sampling: dict | None = None) -> Path:
+    """Write the EMA weights of ``checkpoint`` to ``out``.
+
+    ``sampling`` overrides fields of the recommended :class:`SamplingConfig` stored with the model
+    (default: the diffusion config's t_min and contextual noise); load_model() and the integrator
+    use it unless the user passes their own.
+    """
     payload = load_training_checkpoint(checkpoint)
     cfg = payload["config"]
     d = cfg.diffusion_config()
@@ -36,7 +43,25 @@ def export(checkpoint, out, note: str | None = None) -> Path:
         metadata.update(json.loads(payload["coverage"]))
     if note:
         metadata["note"] = note
-    return save_model(out, net.eval(), d, SamplingConfig(t_min=d.t_min, context_tau_max=d.context_tau_max), metadata)
+    fields = {"t_min": d.t_min, "context_tau_max": d.context_tau_max, **(sampling or {})}
+    unknown = sorted(set(fields) - set(SamplingConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"--sampling {unknown}: not SamplingConfig fields; choose from {sorted(SamplingConfig.__dataclass_fields__)}.")
+    return save_model(out, net.eval(), d, SamplingConfig(**fields), metadata)
+
+
+def _parse_sampling(items) -> dict:
+    """KEY=VALUE strings -> dict, values read as JSON where they parse (numbers, true/false)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--sampling {item!r}: expected KEY=VALUE, e.g. t_min=0.05.")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def main(argv=None) -> int:
@@ -44,8 +69,13 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="training checkpoint.pt")
     p.add_argument("out", help="model file to write")
     p.add_argument("--note", default=None, help="free text stored in the model's metadata")
+    p.add_argument("--sampling", nargs="+", metavar="KEY=VALUE", default=None,
+                   help="recommended sampler settings stored with the model (SamplingConfig fields), e.g. t_min=0.05 steps=20")
     a = p.parse_args(argv)
-    path = export(a.checkpoint, a.out, a.note)
+    try:
+        path = export(a.checkpoint, a.out, a.note, _parse_sampling(a.sampling))
+    except (TypeError, ValueError) as exc:
+        p.error(str(exc))
     print(f"wrote {path}")
     return 0
 

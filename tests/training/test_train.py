@@ -317,3 +317,10 @@ def test_export_script_writes_the_checkpoints_ema_weights(manifest, tmp_path):
         assert torch.equal(x, y)
     assert b.metadata["steps"] == 2 and b.metadata["note"] == "test"
     assert a.sampling_config.to_dict() == b.sampling_config.to_dict()
+    # recommended sampler settings can be stored with the model; a wrong field is a usage error
+    tuned = load_model(export.export(trainer.out / "checkpoint.pt", tmp_path / "tuned.pt", sampling={"t_min": 0.05}))
+    assert tuned.sampling_config.t_min == 0.05 and a.sampling_config.t_min == 0.01
+    assert tuned.sampling_config.context_tau_max == a.sampling_config.context_tau_max
+    with pytest.raises(SystemExit):
+        export.main([str(trainer.out / "checkpoint.pt"), str(tmp_path / "bad.pt"), "--sampling", "tmin=0.05"])
+    assert not (tmp_path / "bad.pt").exists()
