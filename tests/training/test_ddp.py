@@ -46,7 +46,8 @@ def test_two_gloo_processes_keep_replicas_in_sync(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
          str(REPO / "training" / "train.py"), json.dumps(cfg.to_dict())],
         capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the workers' own tracebacks come first in stderr, torchrun's summary last: show both
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[:4000], proc.stderr[-1500:])
     r0 = torch.load(out / "rank0.pt", weights_only=True)
     r1 = torch.load(out / "rank1.pt", weights_only=True)
     assert r0["rows"] == [0, 2] and r1["rows"] == [1, 3]  # a DistributedSampler-style split of the global batch
