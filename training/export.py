@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from config import _KeyValue  # noqa: E402  (train.py's KEY=VALUE flag parsing)
 from train import load_training_checkpoint  # noqa: E402
 
 from openmm_starmd.checkpoints import save_model  # noqa: E402
@@ -43,25 +44,9 @@ def export(checkpoint, out, note: str | None = None, sampling: dict | None = Non
         metadata.update(json.loads(payload["coverage"]))
     if note:
         metadata["note"] = note
-    fields = {"t_min": d.t_min, "context_tau_max": d.context_tau_max, **(sampling or {})}
-    unknown = sorted(set(fields) - set(SamplingConfig.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"--sampling {unknown}: not SamplingConfig fields; choose from {sorted(SamplingConfig.__dataclass_fields__)}.")
-    return save_model(out, net.eval(), d, SamplingConfig(**fields), metadata)
-
-
-def _parse_sampling(items) -> dict:
-    """KEY=VALUE strings -> dict, values read as JSON where they parse (numbers, true/false)."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--sampling {item!r}: expected KEY=VALUE, e.g. t_min=0.05.")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    # from_dict names unknown keys and SamplingConfig checks the values
+    sampling_config = SamplingConfig.from_dict({"t_min": d.t_min, "context_tau_max": d.context_tau_max, **(sampling or {})})
+    return save_model(out, net.eval(), d, sampling_config, metadata)
 
 
 def main(argv=None) -> int:
@@ -69,11 +54,11 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="training checkpoint.pt")
     p.add_argument("out", help="model file to write")
     p.add_argument("--note", default=None, help="free text stored in the model's metadata")
-    p.add_argument("--sampling", nargs="+", metavar="KEY=VALUE", default=None,
+    p.add_argument("--sampling", nargs="+", action=_KeyValue, metavar="KEY=VALUE", default=None,
                    help="recommended sampler settings stored with the model (SamplingConfig fields), e.g. t_min=0.05 steps=20")
     a = p.parse_args(argv)
     try:
-        path = export(a.checkpoint, a.out, a.note, _parse_sampling(a.sampling))
+        path = export(a.checkpoint, a.out, a.note, a.sampling)
     except (TypeError, ValueError) as exc:
         p.error(str(exc))
     print(f"wrote {path}")
