@@ -22,6 +22,9 @@ Choices where the paper is silent (documented defaults):
 - ``batch_size`` counts windows per optimiser step over all processes (the global batch); each
   of W processes takes every W-th window of it, so the data a run sees does not depend on W.
 - ``max_residues`` 256: longer chains are cropped to a contiguous window of residues.
+- ``min_window`` 4: an example has L frames where the trajectory allows it at the drawn Δt, and
+  down to 4 otherwise (padded, its padding outside the loss), so that few-ns trajectories still
+  train Δt near 1 ns, the integrator's default; the paper's 100-ns ATLAS runs always fill L = 8.
 """
 from __future__ import annotations
 
@@ -81,6 +84,9 @@ class TrainConfig:
     model: dict = _f({}, "ModelConfig field overrides, KEY=VALUE (repeatable), e.g. --model width=64", section="model")
     window: int = _f(8, "training window L: frames per example, trained in one block-causal pass", int,
                      section="model")
+    min_window: int = _f(4, "fewest frames of an example: a trajectory too short for L frames at a large Δt serves "
+                         "that Δt with fewer (4 ns at 10 ps frames: Δt up to 1.33 ns instead of 0.57 ns at L = 8); "
+                         "set it to --window for full windows only", int, section="data")
     attention: str = _f("joint", "joint spatio-temporal attention, or the separable ablation", str,
                         choices=("joint", "separable"), section="model")
     fixed_dt_ns: float | None = _f(None, "ablation: condition on this Δt (ns) whatever the window's Δt is", float,
@@ -128,6 +134,7 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             ("window", self.window >= 2, "a window needs at least 2 frames"),
+            ("min_window", self.min_window >= 2, "a window needs at least 2 frames"),
             ("batch_size", self.batch_size >= 1, "use at least 1 window per step"),
             ("steps", self.steps >= 1, "train at least 1 step"),
             ("lr", self.lr > 0, "the learning rate must be positive"),
@@ -157,6 +164,11 @@ class TrainConfig:
                               "(or the top-level YAML key) instead.")
         if self.max_residues == 0:
             self.max_residues = None
+
+    @property
+    def shortest_window(self) -> int:
+        """The fewest frames a training example may have: ``min(min_window, window)``."""
+        return min(self.min_window, self.window)
 
     # ---------------------------------------------------------------- conversions
     def to_dict(self) -> dict:

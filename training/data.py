@@ -7,10 +7,17 @@ that are multiples of s with (L - 1) Δt within its length, so per example we:
 
 1. pick a protein uniformly (not a trajectory: proteins with more replicas are not favoured),
    then one of its replicas uniformly;
-2. draw log Δt uniformly in [log max(dt_min, s), log min(dt_max, s * floor((F - 1) / (L - 1)))]
+2. draw log Δt uniformly in [log max(dt_min, s), log min(dt_max, s * floor((F - 1) / (L_min - 1)))]
    (the part of the requested range this trajectory supports), round Δt / s to the nearest
    integer stride k ≥ 1 and return the realised Δt = k s;
-3. pick the start frame uniformly among those for which the window fits;
+3. take as many frames as fit at that stride, ``min(L, floor((F - 1) / k) + 1)`` (at least
+   ``L_min``), and pick the start frame uniformly among those for which they fit. With
+   ``min_window = L`` every example has L frames (the paper's setting on 100-ns ATLAS runs);
+   a smaller ``min_window`` lets short trajectories serve large Δt with fewer frames (4 ns at
+   10 ps frames: L = 8 reaches Δt 0.57 ns, L_min = 4 reaches 1.33 ns). Shorter examples are
+   padded at the end with copies of their last frame and ``frame_mask = False``; block-causal
+   attention never lets a real frame see a later one, so padding changes nothing but the loss
+   weight, and the loss skips padded frames;
 4. crop chains longer than ``max_residues`` to a contiguous random window of residues (the
    paper trains on ATLAS chains cropped to a residue budget; contiguous crops keep the chain
    geometry intact);
@@ -21,7 +28,8 @@ that are multiples of s with (L - 1) Δt within its length, so per example we:
    otherwise dominate every frame-to-frame target (measured on neopetrosiamide: 0.19 nm² mean
    squared Cα displacement between window frames raw).
 
-Batches are padded to the longest example with ``mask = False``. Everything is deterministic
+Batches are padded to the longest example with ``mask = False`` (residues) and
+``frame_mask = False`` (frames). Everything is deterministic
 given the seed. ``residue_index`` counts residues from 0 within each chain, as
 :mod:`openmm_starmd.protein` does at inference.
 """
@@ -100,7 +108,10 @@ class WindowSampler:
     ----------
     shards : sequence of BackboneShard
     window : int
-        Frames per example L (≥ 2).
+        Frames per example L (≥ 2), the most an example has.
+    min_window : int, optional
+        The fewest frames an example may have (2 ≤ min_window ≤ window; None: ``window``, every
+        example full). Smaller values let short trajectories serve larger Δt.
     dt_range_ns : (float, float)
         Range of the log-uniform Δt distribution, ns.
     max_residues : int, optional
@@ -111,14 +122,18 @@ class WindowSampler:
     Raises
     ------
     TrajectoryError
-        A shard has fewer frames than the window, or no shard supports any Δt in the range.
+        A shard has fewer frames than ``min_window``, or no shard supports any Δt in the range.
     """
 
     def __init__(self, shards: Sequence[BackboneShard], window: int, dt_range_ns=(0.01, 10.0),
-                 max_residues: Optional[int] = None, seed: int = 0, fit: bool = True):
+                 max_residues: Optional[int] = None, seed: int = 0, fit: bool = True,
+                 min_window: Optional[int] = None):
         if window < 2:
             raise ValueError(f"window={window}: a window needs at least 2 frames; pass window >= 2.")
         self.window = int(window)
+        self.min_window = self.window if min_window is None else int(min_window)
+        if not 2 <= self.min_window <= self.window:
+            raise ValueError(f"min_window={min_window}: need 2 <= min_window <= window ({self.window}).")
         self.dt_min, self.dt_max = float(dt_range_ns[0]), float(dt_range_ns[1])
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"dt_range_ns={dt_range_ns}: need 0 < min <= max.")
@@ -127,17 +142,17 @@ class WindowSampler:
         self.rng = np.random.default_rng(seed)
         self.by_protein: dict[str, list[_Traj]] = {}
         for sh in shards:
-            if sh.n_frames < self.window:
+            if sh.n_frames < self.min_window:
                 raise TrajectoryError(
-                    f"shard {sh.name!r} r{sh.replica}: {sh.n_frames} frames, fewer than the window of {self.window}; "
+                    f"shard {sh.name!r} r{sh.replica}: {sh.n_frames} frames, fewer than the window of {self.min_window}; "
                     "use a shorter window or leave this trajectory out until it is longer.")
-            k_max = (sh.n_frames - 1) // (self.window - 1)
+            k_max = (sh.n_frames - 1) // (self.min_window - 1)
             k_lo = max(1, math.ceil(self.dt_min / sh.frame_spacing_ns - 1e-9))
             # A trajectory whose spacing exceeds dt_max still serves its smallest stride.
             if k_lo > k_max:
                 raise TrajectoryError(
                     f"shard {sh.name!r} r{sh.replica}: supports no Δt in [{self.dt_min}, {self.dt_max}] ns for a "
-                    f"window of {self.window} (spacing {sh.frame_spacing_ns} ns, {sh.n_frames} frames); "
+                    f"window of {self.min_window} (spacing {sh.frame_spacing_ns} ns, {sh.n_frames} frames); "
                     "use a shorter window or a longer trajectory.")
             self.by_protein.setdefault(sh.name, []).append(_Traj(sh, k_max))
         if not self.by_protein:
@@ -147,7 +162,7 @@ class WindowSampler:
     def dt_support_ns(self, shard: BackboneShard) -> tuple[float, float]:
         """The Δt interval (ns) this sampler can draw from ``shard``."""
         s = shard.frame_spacing_ns
-        k_max = (shard.n_frames - 1) // (self.window - 1)
+        k_max = (shard.n_frames - 1) // (self.min_window - 1)
         lo = max(self.dt_min, s)
         return lo, max(lo, min(self.dt_max, k_max * s))
 
@@ -159,15 +174,17 @@ class WindowSampler:
         return int(min(max(1, round(dt / s)), t.max_stride))
 
     def sample_one(self) -> dict:
-        """One example: coords (L, N, 4, 3) nm, aatype, residue/chain index, mask, dt_ns, names."""
+        """One example: coords (L', N, 4, 3) nm with min_window ≤ L' ≤ window, aatype, residue/chain
+        index, mask, dt_ns, names."""
         name = self.proteins[self.rng.integers(len(self.proteins))]
         trajs = self.by_protein[name]
         t = trajs[self.rng.integers(len(trajs))]
         sh = t.shard
         k = self._draw_stride(t)
-        span = (self.window - 1) * k
+        n_frames = min(self.window, (sh.n_frames - 1) // k + 1)
+        span = (n_frames - 1) * k
         start = int(self.rng.integers(sh.n_frames - span))
-        frames = start + k * np.arange(self.window)
+        frames = start + k * np.arange(n_frames)
         n = sh.n_residues
         r0, r1 = 0, n
         if self.max_residues is not None and n > self.max_residues:
@@ -200,7 +217,8 @@ class WindowSampler:
         Returns
         -------
         dict
-            ``coords_nm`` (B, L, N, 4, 3) float32 nm; ``aatype``, ``residue_index``,
+            ``coords_nm`` (B, L, N, 4, 3) float32 nm; ``frame_mask`` (B, L) bool (False: a padded
+            frame, a copy of the example's last one); ``aatype``, ``residue_index``,
             ``chain_index`` (B, N) int64; ``mask`` (B, N) bool; ``dt_ns`` (B,) float32;
             ``start_time_ns`` (B,); ``protein`` list[str]; ``replica`` (B,) int64.
             Torch tensors when ``as_torch``.
@@ -210,6 +228,7 @@ class WindowSampler:
         b, L = batch_size, self.window
         out = dict(
             coords_nm=np.zeros((b, L, n, 4, 3), np.float32),
+            frame_mask=np.zeros((b, L), bool),
             aatype=np.full((b, n), 20, np.int64),
             residue_index=np.zeros((b, n), np.int64),
             chain_index=np.zeros((b, n), np.int64),
@@ -219,8 +238,10 @@ class WindowSampler:
             replica=np.array([it["replica"] for it in items], np.int64),
         )
         for i, it in enumerate(items):
-            m = it["coords_nm"].shape[1]
-            out["coords_nm"][i, :, :m] = it["coords_nm"]
+            f, m = it["coords_nm"].shape[:2]
+            out["coords_nm"][i, :f, :m] = it["coords_nm"]
+            out["coords_nm"][i, f:, :m] = it["coords_nm"][-1]
+            out["frame_mask"][i, :f] = True
             for key in ("aatype", "residue_index", "chain_index", "mask"):
                 out[key][i, :m] = it[key]
         if as_torch:

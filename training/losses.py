@@ -240,6 +240,7 @@ def starmd_loss(
     mask: torch.Tensor,
     chain_index: torch.Tensor,
     config: LossConfig | None = None,
+    frame_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The training loss of one block-causal pass.
 
@@ -255,6 +256,9 @@ def starmd_loss(
     chain_index : torch.Tensor, shape (B, N), long
         Chains, so no peptide bond is assumed across a chain break when placing O.
     config : LossConfig, optional
+    frame_mask : torch.Tensor, shape (B, L), bool, optional
+        False for padding frames of windows shorter than L (:class:`training/data.py
+        WindowSampler`): they add nothing to the loss or the logged terms. None: all frames real.
 
     Returns
     -------
@@ -296,6 +300,11 @@ def starmd_loss(
         raise ValueError("LossConfig.first_frame_weight=0 with windows of 1 frame leaves nothing to train; "
                          "use windows of at least 2 frames.")
     trained = (weight > 0)[None, :].expand(B, L)  # the logged terms are means over these frames
+    if frame_mask is not None:
+        trained = trained & frame_mask.to(device=trained.device, dtype=torch.bool)
+        weight = weight[None, :] * frame_mask.to(device=weight.device, dtype=dtype)
+    else:
+        weight = weight[None, :].expand(B, L)
     terms = {"trans": _frames_mean(trans, trained), "rot": _frames_mean(rot, trained)}
 
     aux = (t <= cfg.aux_t_filter) & trained
@@ -338,4 +347,4 @@ def starmd_loss(
         aux_full = per_frame.new_zeros(B, L)
         aux_full[aux] = aux_loss
         per_frame = per_frame + aux_full
-    return {"loss": (per_frame * weight).sum() / (B * weight.sum()), **terms}
+    return {"loss": (per_frame * weight).sum() / weight.sum().clamp_min(torch.finfo(dtype).tiny), **terms}

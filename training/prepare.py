@@ -16,9 +16,9 @@ only when the checkpointed frame count changed. ATLAS folders can be added with
 the plan).
 
 ``--summary`` prints the table (protein, split, residues, replicas, ns, frames) and the range of
-Δt the data really covers for windows of ``--window`` frames: STAR-MD trains with Δt ~
-LogUniform[0.01, 10] ns, and a trajectory of F frames at spacing s only supports
-Δt ≤ s (F - 1) / (L - 1).
+Δt the data really covers for windows of ``--window`` frames, and of ``--min-window`` frames
+(training/train.py's shortest examples): STAR-MD trains with Δt ~ LogUniform[0.01, 10] ns, and a
+trajectory of F frames at spacing s only supports Δt ≤ s (F - 1) / (L - 1).
 """
 from __future__ import annotations
 
@@ -134,8 +134,9 @@ def build(md_root: str, out_dir: str, manifest_path: str, plan_path: str | None 
     return manifest
 
 
-def summary(manifest: dict, window: int = 2) -> str:
-    """A text table of the data set and the Δt range it supports for windows of ``window`` frames."""
+def summary(manifest: dict, window: int = 2, min_window: int | None = None) -> str:
+    """A text table of the data set and the Δt range it supports for windows of ``window`` frames
+    (and of ``min_window`` frames, the shortest training examples, when given and smaller)."""
     rows = {}
     for e in manifest["shards"]:
         r = rows.setdefault(e["protein"], dict(split=e["split"], residues=e["residues"], replicas=0, ns=0.0,
@@ -154,14 +155,18 @@ def summary(manifest: dict, window: int = 2) -> str:
     lines.append("proteins: " + ", ".join(f"{s} {tot[s]} ({ns[s]:.1f} ns)" for s in tot))
     if manifest["shards"]:
         spacing = min(e["spacing_ns"] for e in manifest["shards"])
-        L = max(window, 2)
-        dt_max = [e["spacing_ns"] * ((e["frames"] - 1) // (L - 1)) for e in manifest["shards"] if e["frames"] >= L]
-        if dt_max:
-            lines.append(f"Δt covered for windows of L={L}: {spacing:g} ns to {max(dt_max):g} ns "
-                         f"(median trajectory up to {float(np.median(dt_max)):g} ns); "
-                         "STAR-MD samples LogUniform[0.01, 10] ns")
-        else:
-            lines.append(f"no trajectory has {L} frames yet")
+        lengths = [max(window, 2)]
+        if min_window is not None and 2 <= min_window < lengths[0]:
+            lengths.append(min_window)
+        for L in lengths:
+            dt_max = [e["spacing_ns"] * ((e["frames"] - 1) // (L - 1)) for e in manifest["shards"]
+                      if e["frames"] >= L]
+            if dt_max:
+                lines.append(f"Δt covered for windows of L={L}: {spacing:g} ns to {max(dt_max):g} ns "
+                             f"(median trajectory up to {float(np.median(dt_max)):g} ns); "
+                             "STAR-MD samples LogUniform[0.01, 10] ns")
+            else:
+                lines.append(f"no trajectory has {L} frames yet")
         short = [n for n, r in rows.items() if r["split"] == "test" and r["replicas"] < 2]
         if short:
             lines.append(f"test proteins with fewer than 2 replicas: {', '.join(short)}")
@@ -180,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--summary", action="store_true", help="print the data table (after building unless --no-build)")
     p.add_argument("--no-build", action="store_true", help="only print the summary of the existing manifest")
     p.add_argument("--window", type=int, default=8, help="window length L used for the Δt range in --summary")
+    p.add_argument("--min-window", type=int, default=4,
+                   help="shortest training window (train.py --min-window), also shown in --summary")
     p.add_argument("--verify", action="store_true", help="load every shard and check its sha256")
     args = p.parse_args(argv)
     if args.no_build:
@@ -193,7 +200,7 @@ def main(argv=None) -> int:
             load_shard(os.path.join(base, e["file"]), sha256=e["sha256"])
         print(f"verified {len(manifest['shards'])} shards")
     if args.summary:
-        print(summary(manifest, args.window))
+        print(summary(manifest, args.window, args.min_window))
     return 0
 
 

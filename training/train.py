@@ -190,7 +190,7 @@ def read_manifest(path: str) -> dict:
 
 
 def load_split_shards(cfg: TrainConfig, manifest: dict, split: str, log=print) -> tuple[list, list]:
-    """Shards of one split that can serve windows of ``cfg.window`` frames in the Δt range.
+    """Shards of one split that can serve windows of ``cfg.shortest_window`` frames or more in the Δt range.
 
     Returns
     -------
@@ -217,7 +217,7 @@ def load_split_shards(cfg: TrainConfig, manifest: dict, split: str, log=print) -
     for e in entries:
         shard = load_shard(os.path.join(base, e["file"]), sha256=e["sha256"] if cfg.verify_sha256 else None)
         try:
-            WindowSampler([shard], cfg.window, (cfg.dt_min_ns, cfg.dt_max_ns))
+            WindowSampler([shard], cfg.window, (cfg.dt_min_ns, cfg.dt_max_ns), min_window=cfg.shortest_window)
         except TrajectoryError as exc:
             dropped.append((shard, str(exc)))
             continue
@@ -225,22 +225,28 @@ def load_split_shards(cfg: TrainConfig, manifest: dict, split: str, log=print) -
         kept_entries.append(e)
     if not kept:
         longest = max(s.n_frames for s, _ in dropped)
+        flag = "--min-window" if cfg.shortest_window < cfg.window else "--window"
         raise NoWindowError(
-            f"window={cfg.window} frames at Δt in [{cfg.dt_min_ns}, {cfg.dt_max_ns}] ns fits no trajectory of split "
-            f"{split!r} in {cfg.manifest} (the longest has {longest} frames); use --window {max(2, min(longest, cfg.window - 1))} "
-            "or less, widen --dt-min-ns/--dt-max-ns, or simulate longer.")
+            f"windows of {cfg.shortest_window} frames at Δt in [{cfg.dt_min_ns}, {cfg.dt_max_ns}] ns fit no trajectory of "
+            f"split {split!r} in {cfg.manifest} (the longest has {longest} frames); use {flag} "
+            f"{max(2, min(longest, cfg.shortest_window - 1))} or less, widen --dt-min-ns/--dt-max-ns, or simulate longer.")
     for shard, why in dropped:
         log(f"note: left out of split {split!r}: {why}")
     return kept, kept_entries
 
 
 def take_rows(batch: dict, rows) -> dict:
-    """Rows of a padded window batch, trimmed to the residues any of them uses."""
+    """Rows of a padded window batch, trimmed to the residues and frames any of them uses."""
     rows = np.asarray(rows, dtype=np.int64)
     out = {k: (v[rows] if isinstance(v, np.ndarray) else [v[i] for i in rows]) for k, v in batch.items()}
     used = np.flatnonzero(out["mask"].any(0))
     n = int(used[-1]) + 1 if used.size else 1
-    out["coords_nm"] = out["coords_nm"][:, :, :n]
+    f = out["coords_nm"].shape[1]
+    if "frame_mask" in out:
+        used_frames = np.flatnonzero(out["frame_mask"].any(0))
+        f = int(used_frames[-1]) + 1 if used_frames.size else 1
+        out["frame_mask"] = out["frame_mask"][:, :f]
+    out["coords_nm"] = out["coords_nm"][:, :f, :n]
     for key in ("aatype", "residue_index", "chain_index", "mask"):
         out[key] = out[key][:, :n]
     return out
@@ -254,7 +260,8 @@ class RankBatches:
         if cfg.batch_size % info.world:
             raise ConfigError(f"option batch_size={cfg.batch_size} is not divisible by the {info.world} processes; "
                               f"use a multiple of {info.world}.")
-        self.sampler = WindowSampler(shards, cfg.window, (cfg.dt_min_ns, cfg.dt_max_ns), cfg.max_residues, seed=cfg.seed)
+        self.sampler = WindowSampler(shards, cfg.window, (cfg.dt_min_ns, cfg.dt_max_ns), cfg.max_residues, seed=cfg.seed,
+                                     min_window=cfg.shortest_window)
         self.batch_size = cfg.batch_size
         self.rows = np.arange(info.rank, cfg.batch_size, info.world)
         self.windows_drawn = 0
@@ -351,7 +358,10 @@ def batch_loss(model, diffuser, loss_cfg: LossConfig, batch: dict, generator, cf
     with _autocast(cfg, device):
         out = model(residues, sequence)
     pred = Rigid(out.rots[:, L:].to(dtype), out.trans[:, L:].to(dtype))
-    return starmd_loss(diffuser, pred, targets, residues.mask, residues.chain_index, loss_cfg)
+    frame_mask = batch.get("frame_mask")
+    if frame_mask is not None:
+        frame_mask = torch.as_tensor(np.asarray(frame_mask), device=device, dtype=torch.bool)
+    return starmd_loss(diffuser, pred, targets, residues.mask, residues.chain_index, loss_cfg, frame_mask=frame_mask)
 
 
 def _describe_windows(batch: dict) -> list[str]:
@@ -646,7 +656,8 @@ class Trainer:
             self._log(f"note: {exc} The validation loss is not computed.")
             return []
         # a fixed set of windows, so every validation of the run sees the same ones
-        sampler = WindowSampler(shards, cfg.window, (cfg.dt_min_ns, cfg.dt_max_ns), cfg.max_residues, seed=cfg.seed + 1)
+        sampler = WindowSampler(shards, cfg.window, (cfg.dt_min_ns, cfg.dt_max_ns), cfg.max_residues, seed=cfg.seed + 1,
+                                min_window=cfg.shortest_window)
         full = sampler.sample(cfg.val_windows)
         mine = np.arange(self.info.rank, cfg.val_windows, self.info.world)
         per = max(1, cfg.batch_size // self.info.world)
@@ -754,7 +765,7 @@ class Trainer:
         terms = batch_loss(self.model, self.diffuser, self.loss_config, batch, self.generator, cfg,
                            self.info.device, self.dtype)
         loss = terms["loss"]
-        n_tokens = float(np.asarray(batch["mask"]).sum()) * 2 * cfg.window
+        n_tokens = 2.0 * float((np.asarray(batch["mask"])[:, None] & np.asarray(batch["frame_mask"])[:, :, None]).sum())
         # one reduction per step: loss, every term with its count, tokens, stop flag
         parts = [loss.detach().double()]
         for k in LOSS_TERMS:

@@ -227,3 +227,42 @@ def test_chain_weight_adds_the_chain_term_with_its_own_weight(window):
     on = losses.starmd_loss(SE3Diffuser(), pred, targets, mask, chains, losses.LossConfig(chain_weight=2.0))
     assert float(on["chain"]) > 0
     assert float(on["loss"] - off["loss"]) == pytest.approx(2.0 * float(on["chain"]), rel=1e-9)
+
+
+def _slice_targets(targets, rows, frames):
+    """The DiffusionTargets of some rows and leading frames (a shorter window, unpadded)."""
+    cut = lambda x: x[rows][:, :frames]  # noqa: E731
+    rig = lambda r: Rigid(cut(r.rots), cut(r.trans))  # noqa: E731
+    return type(targets)(rig(targets.x0), cut(targets.origins), cut(targets.t), rig(targets.noisy_shifted),
+                         cut(targets.rot_score), cut(targets.trans_score))
+
+
+def test_padded_frames_are_outside_the_loss_and_the_mean_is_over_real_frames(window):
+    """Example 1 has 2 real frames and one padding frame: the loss is the frame-weighted mean of the
+    full example 0 and example 1 cut to 2 frames, whatever is predicted at the padding."""
+    frames, mask, chains = window
+    diffuser = SE3Diffuser()
+    t = torch.tensor([[0.05, 0.2, 0.6], [0.1, 0.15, 0.24]], dtype=torch.float64)
+    targets = _targets(frames, mask, t)
+    cfg = losses.LossConfig(fape_weight=0.5, chain_weight=2.0)
+    trans = frames.trans + 0.02 * torch.randn(frames.trans.shape, generator=torch.Generator().manual_seed(3),
+                                              dtype=torch.float64)
+    wild = trans.clone()
+    wild[1, 2] += 5.0  # the padding frame's prediction
+    fm = torch.tensor([[True, True, True], [True, True, False]])
+    padded = losses.starmd_loss(diffuser, Rigid(frames.rots, wild), targets, mask, chains, cfg, frame_mask=fm)
+    a = losses.starmd_loss(diffuser, Rigid(frames.rots[:1], trans[:1]), _slice_targets(targets, [0], 3), mask[:1],
+                           chains[:1], cfg)
+    b = losses.starmd_loss(diffuser, Rigid(frames.rots[1:, :2], trans[1:, :2]), _slice_targets(targets, [1], 2),
+                           mask[1:], chains[1:], cfg)
+    # first_frame_weight 0: example 0 trains frames 1 and 2, example 1 frame 1 only
+    assert float(padded["loss"]) == pytest.approx((2 * float(a["loss"]) + float(b["loss"])) / 3, rel=1e-12)
+    assert float(padded["trans"]) == pytest.approx((2 * float(a["trans"]) + float(b["trans"])) / 3, rel=1e-12)
+    # without the mask the wild padding frame would dominate
+    unmasked = losses.starmd_loss(diffuser, Rigid(frames.rots, wild), targets, mask, chains, cfg)
+    assert float(unmasked["loss"]) > 10 * float(padded["loss"])
+    # an all-True mask is the unmasked loss exactly
+    full = torch.ones(2, 3, dtype=torch.bool)
+    same = losses.starmd_loss(diffuser, Rigid(frames.rots, trans), targets, mask, chains, cfg, frame_mask=full)
+    assert float(same["loss"]) == float(losses.starmd_loss(diffuser, Rigid(frames.rots, trans), targets, mask, chains,
+                                                          cfg)["loss"])

@@ -81,7 +81,9 @@ def test_summary_table_and_dt_range(tmp_path, md_root):
     assert "protT" in text and "test" in text
     assert "train 1" in text and "validation 1" in text and "test 1" in text
     # 24 frames at 0.2 ps, windows of 4: stride up to 7 frames -> 1.4 ps
-    assert "0.0002 ns to 0.0014 ns" in text
+    assert "L=4: 0.0002 ns to 0.0014 ns" in text
+    # and the shortest training windows, 2 frames: stride up to 23 frames -> 4.6 ps
+    assert "L=2: 0.0002 ns to 0.0046 ns" in prepare.summary(manifest, window=4, min_window=2)
 
 
 def test_cli_summary(tmp_path, md_root, capsys):

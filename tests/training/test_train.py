@@ -175,12 +175,34 @@ def test_shard_with_wrong_sha256(manifest, tmp_path):
 
 
 def test_window_longer_than_every_trajectory(manifest, tmp_path):
-    with pytest.raises(TrajectoryError, match="fits no trajectory of split 'train'.*longest has 60 frames"):
-        train.Trainer(tiny_config(manifest, tmp_path / "run", window=61), log=_quiet)
+    with pytest.raises(TrajectoryError, match="fit no trajectory of split 'train'.*longest has 60 frames.*--window 60"):
+        train.Trainer(tiny_config(manifest, tmp_path / "run", window=61, min_window=61), log=_quiet)
+    with pytest.raises(TrajectoryError, match="windows of 61 frames .*use --min-window 60"):
+        train.Trainer(tiny_config(manifest, tmp_path / "run", window=70, min_window=61), log=_quiet)
     # too long for the validation trajectories only: training goes on without validation, and says so
     notes = []
-    trainer = train.Trainer(tiny_config(manifest, tmp_path / "run", window=45), log=notes.append)
+    trainer = train.Trainer(tiny_config(manifest, tmp_path / "run", window=45, min_window=45), log=notes.append)
     assert trainer.val_batches == [] and any("validation loss is not computed" in n for n in notes)
+
+
+def test_short_trajectories_train_large_dt_with_shorter_padded_windows(manifest, tmp_path):
+    """60 frames at 0.05 ps, L = 8: full windows reach Δt 0.4 ps, min_window 3 reaches 1.45 ps; such
+    examples have fewer frames, padding outside the loss, and a batch is trimmed to its longest example."""
+    cfg = tiny_config(manifest, tmp_path / "run", window=8, min_window=3, dt_max_ns=1.45e-3, steps=2, batch_size=4)
+    trainer = train.Trainer(cfg, log=_quiet)
+    assert trainer.trained_dt_ns[1] == pytest.approx(29 * 5e-5)
+    seen_short = False
+    for _ in range(6):
+        batch = trainer.batches.next()
+        f = batch["frame_mask"].sum(1)
+        assert batch["coords_nm"].shape[1] == batch["frame_mask"].shape[1] == f.max() <= 8 and f.min() >= 3
+        k = np.rint(batch["dt_ns"] / 5e-5).astype(int)
+        np.testing.assert_array_equal(f, np.minimum(8, 59 // k + 1))
+        seen_short |= bool(f.min() < 8)
+    assert seen_short
+    done = train.train(tiny_config(manifest, tmp_path / "run2", window=8, min_window=3, dt_max_ns=1.45e-3, steps=2,
+                                   batch_size=4), log=_quiet)
+    assert len(done.history) == 2 and all(np.isfinite(v) for _, v in done.history)
 
 
 def test_incompatible_or_foreign_checkpoint(manifest, tmp_path):
