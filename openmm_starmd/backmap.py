@@ -38,6 +38,14 @@ rounds, 800 iterations and 3-4x the time for ubiquitin, while the Cα and peptid
 tests/test_backmap.py pass either way.
 
 The potential energy reported with a result is always the energy under the user's full System.
+
+A result with two atoms on top of each other (closer than 0.3 Å, far below any physical contact:
+geminal H–H pairs sit 1.5 Å apart) is refused with :class:`BackmapError`. Such a structure comes
+only from wildly unphysical generated frames that the short minimisation could not repair; its
+energy under a force field is astronomical, and under an implicit-solvent System it is NaN on
+single-precision platforms, so the user's own ``StateDataReporter`` would otherwise stop the run
+later with OpenMM's bare "Energy is NaN" (seen with random-weight models at Δt = 1 ns). The
+check is a k-d tree query over the massive particles, a few ms for 3,000 atoms.
 """
 from __future__ import annotations
 
@@ -56,7 +64,9 @@ __all__ = [
     "BackmapResult",
     "Backmapper",
     "atom_layout",
+    "closest_pair",
     "rigid_transport",
+    "shield_bare_hydrogens",
     "without_implicit_solvent",
 ]
 
@@ -74,10 +84,15 @@ _K_PARAMETER = "starmd_backmap_k"
 # (Amber C-H: 2.8e5 kJ/mol/nm²), so lengths stay within ~1e-4 nm before being made exact.
 _CONSTRAINT_K = 5.0e5
 _CONSTRAINT_TOLERANCE = 1e-6
+_SHIELD_SIGMA_NM = 0.1
+_SHIELD_EPSILON_KJ = 0.001
+#: Closest two massive particles may come in a backmapped structure (nm): 0.3 Å.
+MIN_ATOM_DISTANCE_NM = 0.03
 
 
 class BackmapError(RuntimeError):
-    """Backmapping produced no usable all-atom structure (non-finite positions or energy)."""
+    """Backmapping produced no usable all-atom structure (non-finite positions or energy, or atoms
+    on top of each other)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +161,28 @@ def rigid_transport(positions_nm: np.ndarray, atom_residue: np.ndarray, old: Rig
     out = x.copy()
     out[moved] = np.einsum("nij,nj->ni", r_new[res], local) + t_new[res]
     return out
+
+
+def closest_pair(positions_nm: np.ndarray, cutoff_nm: float) -> Optional[tuple[int, int, float]]:
+    """The closest pair of points nearer than ``cutoff_nm``, or None.
+
+    Parameters
+    ----------
+    positions_nm : np.ndarray, shape=(n, 3), nm
+    cutoff_nm : float
+
+    Returns
+    -------
+    (i, j, distance_nm) with i < j, or None when no two points are closer than the cutoff.
+    """
+    from scipy.spatial import cKDTree
+
+    pairs = cKDTree(positions_nm).query_pairs(cutoff_nm, output_type="ndarray")
+    if len(pairs) == 0:
+        return None
+    d = np.linalg.norm(positions_nm[pairs[:, 0]] - positions_nm[pairs[:, 1]], axis=-1)
+    k = int(np.argmin(d))
+    return int(pairs[k, 0]), int(pairs[k, 1]), float(d[k])
 
 
 def atom_layout(topology, frame_residues) -> tuple[np.ndarray, np.ndarray]:
@@ -220,6 +257,48 @@ def _constraints_to_bonds(system: openmm.System) -> None:
         bonds.addBond(a, b, length, _CONSTRAINT_K)
         system.removeConstraint(i)
     system.addForce(bonds)
+
+
+def shield_bare_hydrogens(system: openmm.System) -> int:
+    """Give charged hydrogens without Lennard-Jones terms a tiny repulsive core (in place).
+
+    Amber's hydroxyl hydrogens (HO: Ser HG, Thr HG1, Tyr HH) have σ = ε = 0, so nothing but the
+    bond angle keeps them from falling onto a negative atom: the Coulomb attraction diverges as
+    1/r while the angle energy stays finite. A minimiser started from a strained structure can
+    take that path (measured: Thr HG1 onto its own CG2, a 1-4 pair, 1e-7 nm apart, in ~3 % of
+    frames of a random-weight model), leaving an astronomical energy that is NaN under
+    implicit solvent. Used only on the private minimisation copy: such hydrogens get σ = 0.1 nm,
+    ε = 0.001 kJ/mol (combined by the force field's Lorentz–Berthelot rule; 1-4 pairs at half ε,
+    Amber's scaling), a wall near 0.1 nm that adds under 0.1 kJ/mol at hydrogen-bond distances.
+    Only ``NonbondedForce`` is changed.
+
+    Returns
+    -------
+    int
+        Number of hydrogens shielded.
+    """
+    shielded = {}
+    for force in system.getForces():
+        if not isinstance(force, openmm.NonbondedForce):
+            continue
+        for i in range(force.getNumParticles()):
+            charge, sigma, epsilon = force.getParticleParameters(i)
+            mass = system.getParticleMass(i).value_in_unit(unit.dalton)
+            if 0 < mass < 1.5 and epsilon.value_in_unit(unit.kilojoule_per_mole) == 0 and \
+                    charge.value_in_unit(unit.elementary_charge) != 0:
+                force.setParticleParameters(i, charge, _SHIELD_SIGMA_NM, _SHIELD_EPSILON_KJ)
+                shielded[i] = True
+        if not shielded:
+            continue
+        for k in range(force.getNumExceptions()):
+            a, b, q, sigma, epsilon = force.getExceptionParameters(k)
+            if (a in shielded or b in shielded) and q.value_in_unit(unit.elementary_charge**2) != 0 and \
+                    epsilon.value_in_unit(unit.kilojoule_per_mole) == 0:
+                sa, ea = force.getParticleParameters(a)[1:]
+                sb, eb = force.getParticleParameters(b)[1:]
+                eps = 0.5 * float(np.sqrt(ea.value_in_unit(unit.kilojoule_per_mole) * eb.value_in_unit(unit.kilojoule_per_mole)))
+                force.setExceptionParameters(k, a, b, q, 0.5 * (sa + sb), eps)
+    return len(shielded)
 
 
 def _as_nm(positions) -> np.ndarray:
@@ -318,6 +397,10 @@ class Backmapper:
         self._has_implicit_solvent = any(
             isinstance(system.getForce(i), IMPLICIT_SOLVENT_FORCES) for i in range(system.getNumForces())
         )
+        # Virtual sites (zero mass) may legitimately sit on their parent atoms.
+        self._massive = np.array(
+            [system.getParticleMass(i).value_in_unit(unit.dalton) > 0 for i in range(system.getNumParticles())]
+        )
         # Restrained atoms: CA (column 1) or all three backbone atoms; CA targets are the frame
         # origins, N and C targets their transported positions.
         cols = [1] if restrain == "CA" else [0, 1, 2]
@@ -354,6 +437,7 @@ class Backmapper:
             if self.mode == "vacuum":
                 system = without_implicit_solvent(system)
             _constraints_to_bonds(system)
+            shield_bare_hydrogens(system)
             force = openmm.CustomExternalForce(
                 f"0.5*{_K_PARAMETER}*((x-x0)^2+(y-y0)^2+(z-z0)^2)"
             )
@@ -384,24 +468,13 @@ class Backmapper:
         return np.asarray(out.value_in_unit(unit.nanometer), dtype=np.float64)
 
     def _full_energy(self, positions_nm: np.ndarray) -> float:
-        """Potential energy (kJ/mol) under the user's full System."""
-        if self.mode == "system" or not self._has_implicit_solvent:
-            # The minimisation Context already holds the full System (plus restraints).
-            context = self._minimisation_context()
-            context.setPositions(positions_nm)
-            total = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
-                unit.kilojoule_per_mole
-            )
-            return total - self._restraint_energy(positions_nm)
+        """Potential energy (kJ/mol) under the user's full System, unmodified (the minimisation
+        copy differs: restraints, constraints as bonds, shielded hydrogens)."""
         if self._energy_context is None:
             self._energy_context = self._make_context(openmm.XmlSerializer.deserialize(self._system_xml))
         self._energy_context.setPositions(positions_nm)
         state = self._energy_context.getState(getEnergy=True)
         return state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-
-    def _restraint_energy(self, positions_nm: np.ndarray) -> float:
-        d = positions_nm[self._restrained.reshape(-1)] - self._targets
-        return 0.5 * self.restraint_k * float(np.sum(d * d))
 
     # -- public --------------------------------------------------------------------------
     def targets(self, transported_nm: np.ndarray, new: Rigid) -> np.ndarray:
@@ -478,6 +551,16 @@ class Backmapper:
             raise BackmapError(
                 f"backmapping generated frame{label} gave non-finite positions; try "
                 "backmap='system' or a smaller time step."
+            )
+        overlap = closest_pair(out[self._massive], MIN_ATOM_DISTANCE_NM)
+        if overlap is not None:
+            i, j, dist = overlap
+            i, j = np.flatnonzero(self._massive)[[i, j]]
+            raise BackmapError(
+                f"backmapped frame{label} has particles {i} and {j} only {dist * 10:.2g} Å apart: the "
+                "generated frame is too unphysical for the minimisation to repair, and its energy would "
+                "be astronomical (NaN under implicit solvent). The model diverged here: use a smaller "
+                "dt or more diffusion steps, or check the model."
             )
         d = out[self._restrained.reshape(-1)] - self._targets
         rmsd = float(np.sqrt(np.mean(np.sum(d * d, axis=-1))))

@@ -23,6 +23,7 @@ from openmm_starmd.backmap import (
     BackmapError,
     atom_layout,
     rigid_transport,
+    shield_bare_hydrogens,
     without_implicit_solvent,
 )
 from openmm_starmd.geometry import so3
@@ -205,6 +206,75 @@ def test_nan_frames_raise_backmap_error_naming_the_frame(fragment, nmr_targets):
     backmapper = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, platform="CPU")
     with pytest.raises(BackmapError, match="frame 17"):
         backmapper.backmap(fragment.positions_nm, fragment.frames, bad, frame_index=17)
+
+
+def test_atoms_on_top_of_each_other_are_refused_before_an_energy_turns_nan(fragment, nmr_targets):
+    """Two residues sent to the same frame put their Cα on the same point: the backmap is refused with
+    the frame number and the particles, instead of handing the Context a structure whose GB energy
+    is NaN. The same targets a residue apart are accepted."""
+    atoms = list(fragment.topology.atoms())
+    target = nmr_targets[0]
+    clash = Rigid(target.rots.clone(), target.trans.clone())
+    clash.rots[5], clash.trans[5] = target.rots[4], target.trans[4]
+    rigid = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="none", platform="CPU")
+    with pytest.raises(BackmapError, match=r"frame 9 has particles (\d+) and (\d+) only 0 Å apart") as err:
+        rigid.backmap(fragment.positions_nm, fragment.frames, clash, frame_index=9)
+    i, j = (int(v) for v in err.value.args[0].split("particles ")[1].split(" only")[0].split(" and "))
+    assert {atoms[i].residue.index, atoms[j].residue.index} == {fragment.protein.topology_residue_index[4],
+                                                                 fragment.protein.topology_residue_index[5]}
+    # the same backmapper takes a physical target
+    ok = rigid.backmap(fragment.positions_nm, fragment.frames, target, frame_index=10)
+    assert np.isfinite(ok.positions_nm).all()
+    # refused exactly when two atoms come closer than 0.3 Å (here Cα 0.2 Å apart, then 1 Å apart)
+    outcomes = []
+    for shift_nm in (0.02, 0.1):
+        near = Rigid(clash.rots.clone(), clash.trans.clone())
+        near.trans[5] = target.trans[4] + torch.tensor([shift_nm, 0.0, 0.0], dtype=target.trans.dtype)
+        x = rigid_transport(fragment.positions_nm, fragment.atom_residue, fragment.frames, near)
+        close = np.linalg.norm(x[:, None] - x[None], axis=-1)[np.triu_indices(len(x), 1)].min()
+        try:
+            rigid.backmap(fragment.positions_nm, fragment.frames, near, frame_index=11)
+            outcomes.append((close < 0.03, False))
+        except BackmapError as exc:
+            assert "frame 11" in str(exc)
+            outcomes.append((close < 0.03, True))
+    assert outcomes == [(True, True), (False, False)]
+
+
+def test_shielded_hydroxyl_hydrogens_cannot_collapse_onto_a_neighbour(fragment):
+    """Amber's hydroxyl H has no Lennard-Jones core: started 0.05 Å from its Thr's CG2 (a 1-4 pair) the
+    minimiser pulls it in to the Coulomb singularity; with the shield it escapes to a normal rotamer.
+    The shield changes the energy of the real structure by well under 1 kJ/mol."""
+    thr = next(r for r in fragment.topology.residues() if r.name == "THR")
+    hg1, cg2 = (next(a.index for a in thr.atoms() if a.name == n) for n in ("HG1", "CG2"))
+    hydroxyl = [a for a in fragment.topology.atoms()
+                if (a.residue.name, a.name) in {("SER", "HG"), ("THR", "HG1"), ("TYR", "HH")}]
+    reference = openmm.Platform.getPlatformByName("Reference")
+
+    def minimised(shield: bool):
+        system = without_implicit_solvent(fragment.system)
+        n = shield_bare_hydrogens(system) if shield else 0
+        for i in reversed(range(system.getNumConstraints())):
+            system.removeConstraint(i)
+        ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), reference)
+        ctx.setPositions(fragment.positions_nm)
+        before = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        x = fragment.positions_nm.copy()
+        d = x[hg1] - x[cg2]
+        x[hg1] = x[cg2] + 0.005 * d / np.linalg.norm(d)
+        ctx.setPositions(x)
+        openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 200)
+        y = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        return n, before, float(np.linalg.norm(y[hg1] - y[cg2]))
+
+    n0, e_plain, collapsed = minimised(False)
+    n1, e_shielded, escaped = minimised(True)
+    assert n0 == 0 and n1 == len(hydroxyl) == 2  # Thr 7 HG1 and Thr 9 HG1
+    assert collapsed < 0.005 and escaped > 0.2  # nm
+    assert abs(e_shielded - e_plain) < 1.0  # kJ/mol
+    # the user's System is not touched by backmapping, shielded copy or not
+    nb = next(f for f in fragment.system.getForces() if isinstance(f, openmm.NonbondedForce))
+    assert nb.getParticleParameters(hg1)[2].value_in_unit(unit.kilojoule_per_mole) == 0
 
 
 def test_without_implicit_solvent_removes_gb_forces_only(fragment):
