@@ -14,6 +14,9 @@ history; the model generates ``--frames`` more; no OpenMM, no backmapping. Print
 - drift: Cα RMSD after superposition of the last generated frame to the last history frame, Å,
   next to the same quantity for the reference MD over the same time span where the shard is long
   enough (``ref drift``);
+- step: mean Cα RMSD (superposed) between consecutive frames of the rollout, from the last
+  history frame on, Å, next to the mean over every pair of reference frames Δt apart (``MD
+  step``): whether the model moves as far per frame as MD does at the Δt it is conditioned on;
 - RMSF r: Pearson r of the per-residue Cα RMSF of the generated frames and of the reference
   shard (all its frames; meaningful only when the rollout spans a time comparable to the shard).
 
@@ -98,6 +101,11 @@ def _rmsd_nm(a: np.ndarray, b: np.ndarray) -> float:
     return float(superposed_rmsd(a[None], b[None])[0])
 
 
+def mean_step_A(ca_nm: np.ndarray, stride: int = 1) -> float:
+    """Mean superposed Cα RMSD (Å) between frames ``stride`` apart; ca_nm (F, N, 3) nm, F > stride."""
+    return float(superposed_rmsd(ca_nm[stride:], ca_nm[:-stride]).mean() * 10)
+
+
 def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, seed: int, steps: int | None,
                   **sampling) -> dict:
     """Roll out one protein; the metrics of the module docstring."""
@@ -128,6 +136,8 @@ def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, se
         "drift_A": _rmsd_nm(ca[-1], last_hist) * 10,
         "ref_drift_A": _rmsd_nm(ref_ca[end], last_hist) * 10 if end < shard.n_frames else None,
         "rmsf_r": rmsf_correlation(ref_ca, ca) if n_frames >= 3 else None,
+        "step_A": mean_step_A(np.concatenate([last_hist[None], ca])),
+        "ref_step_A": mean_step_A(ref_ca, stride) if stride < shard.n_frames else None,
     }
     ref_geo = ca_geometry(ref_ca, shard.residue_index, shard.chain_index, reference_nm=ref_ca[0])
     row["ref_ca_validity"] = float(ref_geo["valid"].mean())
@@ -140,13 +150,14 @@ def markdown(rows: list[dict]) -> str:
         return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
 
     lines = ["| protein | residues | Δt (ns) | frames | Cα validity (MD) | Cα–Cα min / mean / max (Å) "
-             "| drift (Å) | MD drift (Å) | RMSF r |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| drift (Å) | MD drift (Å) | step (Å) | MD step (Å) | RMSF r |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cc = "{:.2f} / {:.2f} / {:.2f}".format(*r["ca_ca_A"])
         lines.append(f"| {r['protein']} | {r['residues']} | {r['dt_ns']:g} | {r['frames']} | "
                      f"{r['ca_validity']:.2f} ({r['ref_ca_validity']:.2f}) | {cc} | {f(r['drift_A'], '.2f')} | "
-                     f"{f(r['ref_drift_A'], '.2f')} | {f(r['rmsf_r'], '.2f')} |")
+                     f"{f(r['ref_drift_A'], '.2f')} | {f(r.get('step_A'), '.2f')} | {f(r.get('ref_step_A'), '.2f')} | "
+                     f"{f(r['rmsf_r'], '.2f')} |")
     return "\n".join(lines)
 
 

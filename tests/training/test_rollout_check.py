@@ -67,6 +67,23 @@ def test_rollout_of_a_fresh_model_on_a_real_shard(tmp_path):
     assert row["protein"] == "2M9I" and row["frames"] == 3 and row["dt_ns"] == 0.01
     assert row["ca_validity"] == 1.0 and row["ref_ca_validity"] == 1.0
     assert 3.6 < row["ca_ca_A"][1] < 4.0 and row["drift_A"] < 1.0
+    # per-frame motion next to MD's at the same Δt (MD moves ~0.3-1 Å in 10 ps)
+    assert 0 <= row["step_A"] < 1.0 and 0.1 < row["ref_step_A"] < 1.5
+
+
+def test_mean_step_is_the_superposed_rmsd_between_frames_stride_apart():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 12, 3))
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.linalg.det(q))
+    still = np.stack([x[0] @ q.T + k for k in range(4)])  # one structure, moved rigidly
+    assert rollout_check.mean_step_A(still) == pytest.approx(0.0, abs=1e-6)
+    two = np.stack([x[0], x[0] + np.array([[0.1, 0, 0]] * 6 + [[-0.1, 0, 0]] * 6)])  # ±1 Å, zero mean
+    # 1 Å per atom before superposition; the fit can only lower it, and here only a little
+    assert 0.95 < rollout_check.mean_step_A(two) <= 1.0 + 1e-9
+    four = np.stack([x[0], x[1], x[0], x[1]])
+    assert rollout_check.mean_step_A(four, stride=2) == pytest.approx(0.0, abs=1e-6)
+    assert rollout_check.mean_step_A(four) > 1.0
 
 
 def test_a_missing_model_file_is_a_clear_usage_error(tmp_path, capsys):
