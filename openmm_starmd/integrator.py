@@ -303,6 +303,12 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         return self._frames_backmapped
 
     @property
+    def strained_frames(self) -> int:
+        """Backmapped frames that kept two atoms closer than 0.3 Å: the generated residue frames were
+        too unphysical to repair (a ``BackmapWarning`` was issued for the first)."""
+        return 0 if self._backmapper is None else self._backmapper.strained_frames
+
+    @property
     def history_length(self) -> int:
         """Frames in the model's memory of the current trajectory, the starting structure included."""
         return 0 if self._sampler is None else int(self._sampler.n_frames)

@@ -21,8 +21,10 @@ from openmm import app, unit
 from openmm_starmd.backmap import (
     Backmapper,
     BackmapError,
+    BackmapWarning,
     atom_layout,
     rigid_transport,
+    separate_overlaps,
     shield_bare_hydrogens,
     without_implicit_solvent,
 )
@@ -208,37 +210,47 @@ def test_nan_frames_raise_backmap_error_naming_the_frame(fragment, nmr_targets):
         backmapper.backmap(fragment.positions_nm, fragment.frames, bad, frame_index=17)
 
 
-def test_atoms_on_top_of_each_other_are_refused_before_an_energy_turns_nan(fragment, nmr_targets):
-    """Two residues sent to the same frame put their Cα on the same point: the backmap is refused with
-    the frame number and the particles, instead of handing the Context a structure whose GB energy
-    is NaN. The same targets a residue apart are accepted."""
+def test_residues_sent_onto_each_other_are_separated_or_flagged(fragment, nmr_targets):
+    """Two residues sent to the same frame put their atoms on the same points. Rigid transport alone
+    keeps that: the result is flagged once with a BackmapWarning naming the frame and particles and
+    counted after. The minimising backmap separates the atoms first and ends with none closer than
+    0.3 Å, so nothing is flagged."""
     atoms = list(fragment.topology.atoms())
     target = nmr_targets[0]
     clash = Rigid(target.rots.clone(), target.trans.clone())
     clash.rots[5], clash.trans[5] = target.rots[4], target.trans[4]
     rigid = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="none", platform="CPU")
-    with pytest.raises(BackmapError, match=r"frame 9 has particles (\d+) and (\d+) only 0 Å apart") as err:
-        rigid.backmap(fragment.positions_nm, fragment.frames, clash, frame_index=9)
-    i, j = (int(v) for v in err.value.args[0].split("particles ")[1].split(" only")[0].split(" and "))
+    with pytest.warns(BackmapWarning, match=r"frame 9 has particles (\d+) and (\d+) only 0 Å apart") as caught:
+        # (its energy is infinite: two charged atoms at one point; compute_energy would raise)
+        out = rigid.backmap(fragment.positions_nm, fragment.frames, clash, frame_index=9, compute_energy=False)
+    assert np.isfinite(out.positions_nm).all() and rigid.strained_frames == 1
+    text = str(caught[0].message)
+    i, j = (int(v) for v in text.split("particles ")[1].split(" only")[0].split(" and "))
     assert {atoms[i].residue.index, atoms[j].residue.index} == {fragment.protein.topology_residue_index[4],
                                                                  fragment.protein.topology_residue_index[5]}
-    # the same backmapper takes a physical target
-    ok = rigid.backmap(fragment.positions_nm, fragment.frames, target, frame_index=10)
-    assert np.isfinite(ok.positions_nm).all()
-    # refused exactly when two atoms come closer than 0.3 Å (here Cα 0.2 Å apart, then 1 Å apart)
-    outcomes = []
-    for shift_nm in (0.02, 0.1):
-        near = Rigid(clash.rots.clone(), clash.trans.clone())
-        near.trans[5] = target.trans[4] + torch.tensor([shift_nm, 0.0, 0.0], dtype=target.trans.dtype)
-        x = rigid_transport(fragment.positions_nm, fragment.atom_residue, fragment.frames, near)
-        close = np.linalg.norm(x[:, None] - x[None], axis=-1)[np.triu_indices(len(x), 1)].min()
-        try:
-            rigid.backmap(fragment.positions_nm, fragment.frames, near, frame_index=11)
-            outcomes.append((close < 0.03, False))
-        except BackmapError as exc:
-            assert "frame 11" in str(exc)
-            outcomes.append((close < 0.03, True))
-    assert outcomes == [(True, True), (False, False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # counted, not warned again
+        rigid.backmap(fragment.positions_nm, fragment.frames, clash, frame_index=10, compute_energy=False)
+        assert rigid.strained_frames == 2
+        rigid.backmap(fragment.positions_nm, fragment.frames, target, frame_index=11)  # a physical frame
+        assert rigid.strained_frames == 2
+        minimised = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, platform="CPU")
+        res = minimised.backmap(fragment.positions_nm, fragment.frames, clash, frame_index=12)
+    assert np.isfinite(res.potential_energy_kj)
+    x = res.positions_nm
+    assert minimised.strained_frames == 0 and np.isfinite(x).all()
+    assert np.linalg.norm(x[:, None] - x[None], axis=-1)[np.triu_indices(len(x), 1)].min() > 0.03
+
+
+def test_separate_overlaps_moves_only_close_pairs_apart_to_the_target_distance():
+    x = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.02, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    massive = np.array([True, True, True, True, False])  # the last one is a virtual site on particle 3
+    y = separate_overlaps(x, massive)
+    d = np.linalg.norm(y[:, None] - y[None], axis=-1)
+    assert d[0, 1] >= 0.05 - 1e-12 and d[0, 2] >= 0.05 - 1e-12 and d[1, 2] >= 0.05 - 1e-12
+    np.testing.assert_array_equal(y[3:], x[3:])  # far away, and a virtual site: untouched
+    assert np.abs(y[:3] - x[:3]).max() < 0.1  # moves of a fraction of an Ångström, not more
+    np.testing.assert_array_equal(x[0], [0.0, 0.0, 0.0])  # the input is not modified
 
 
 def test_shielded_hydroxyl_hydrogens_cannot_collapse_onto_a_neighbour(fragment):

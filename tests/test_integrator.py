@@ -124,6 +124,7 @@ def test_the_user_script_with_dcd_and_state_data_reporters(fragment, tmp_path):
     assert sim.context.getState().getTime().value_in_unit(unit.nanosecond) == pytest.approx(6.0)
     # Backmapped only where positions were read: reports at 5 and 10, and the end at 12.
     assert integ.frames_generated == 12 and integ.frames_backmapped == 3
+    assert integ.strained_frames == 0  # physical frames: nothing flagged
     assert integ.history_length == 13
     assert not np.allclose(_positions(sim.context), start)
 
