@@ -263,15 +263,17 @@ def starmd_loss(
     Returns
     -------
     dict
-        ``loss`` (scalar, differentiable) and the unweighted terms of :data:`LOSS_TERMS`
-        (detached scalars; NaN for a term no frame of the batch qualified for).
+        ``loss`` (scalar, differentiable), ``frame_weight`` (the loss's denominator: the summed
+        weights of the trained, unpadded frames; to combine batches or processes exactly) and the
+        unweighted terms of :data:`LOSS_TERMS` (detached scalars; NaN for a term no frame of the
+        batch qualified for).
     """
     cfg = config if config is not None else LossConfig()
     if not (torch.isfinite(pred_x0.trans).all() and torch.isfinite(pred_x0.rots).all()):
         # a diverged network: report NaN (the trainer stops on it) instead of feeding NaN rotations
         # to the IGSO(3) score tables
         nan = pred_x0.trans.new_tensor(float("nan"))
-        return {"loss": nan, **{k: nan for k in LOSS_TERMS}}
+        return {"loss": nan, "frame_weight": nan, **{k: nan for k in LOSS_TERMS}}
     t = targets.t
     B, L = t.shape
     m = mask[:, None].expand(B, L, -1)
@@ -347,4 +349,6 @@ def starmd_loss(
         aux_full = per_frame.new_zeros(B, L)
         aux_full[aux] = aux_loss
         per_frame = per_frame + aux_full
-    return {"loss": (per_frame * weight).sum() / weight.sum().clamp_min(torch.finfo(dtype).tiny), **terms}
+    total = weight.sum()
+    return {"loss": (per_frame * weight).sum() / total.clamp_min(torch.finfo(dtype).tiny),
+            "frame_weight": total.detach(), **terms}

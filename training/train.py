@@ -766,19 +766,25 @@ class Trainer:
                            self.info.device, self.dtype)
         loss = terms["loss"]
         n_tokens = 2.0 * float((np.asarray(batch["mask"])[:, None] & np.asarray(batch["frame_mask"])[:, :, None]).sum())
-        # one reduction per step: loss, every term with its count, tokens, stop flag
-        parts = [loss.detach().double()]
+        # one reduction per step: loss x its frame weight, the weight, every term with its count,
+        # tokens, stop flag
+        weight = terms["frame_weight"].detach().double()
+        parts = [loss.detach().double() * weight, weight]
         for k in LOSS_TERMS:
             v = terms[k].detach().double()
             ok = torch.isfinite(v)
             parts += [torch.where(ok, v, torch.zeros_like(v)), ok.double()]
         parts += [loss.new_tensor(n_tokens, dtype=torch.float64), loss.new_tensor(float(self._stop_local), dtype=torch.float64)]
         packed = _all_reduce_sum(torch.stack(parts), self.info).cpu()
-        global_loss = float(packed[0]) / self.info.world
+        global_loss = float(packed[0] / packed[1])
         if not math.isfinite(global_loss):
             raise self._nonfinite("the loss", global_loss, batch, not bool(torch.isfinite(loss)))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the processes' gradients; weighting each process's frame mean by its share
+        # of the frames makes that the gradient of the global frame mean, whatever the window
+        # lengths on each process (the factor is exactly 1 for one process)
+        share = float(weight * self.info.world / packed[1])
+        (loss * share if share != 1.0 else loss).backward()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm))
         if not math.isfinite(grad_norm):
@@ -791,7 +797,7 @@ class Trainer:
         self._stop_all = bool(packed[-1] > 0)
         out = {"loss": global_loss, "lr": lr, "grad_norm": grad_norm, "tokens": float(packed[-2])}
         for i, k in enumerate(LOSS_TERMS):
-            s, c = float(packed[1 + 2 * i]), float(packed[2 + 2 * i])
+            s, c = float(packed[2 + 2 * i]), float(packed[3 + 2 * i])
             out[k] = s / c if c > 0 else float("nan")
         self.history.append((self.step, global_loss))
         return out
@@ -806,8 +812,8 @@ class Trainer:
         net = self.ema.shadow
         sums = torch.zeros(2 + 2 * len(LOSS_TERMS), dtype=torch.float64)
         for batch in self.val_batches:
-            n = len(batch["protein"])
             terms = batch_loss(net, self.diffuser, self.loss_config, batch, g, self.cfg, self.info.device, self.dtype)
+            n = float(terms["frame_weight"])  # batches of unequal frame counts combine exactly
             sums[0] += n * float(terms["loss"])
             sums[1] += n
             for i, k in enumerate(LOSS_TERMS):
