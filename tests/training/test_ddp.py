@@ -38,7 +38,13 @@ WORKER = textwrap.dedent("""
 def test_two_gloo_processes_keep_replicas_in_sync(tmp_path):
     manifest = write_short_md_manifest(tmp_path / "data")
     out = tmp_path / "run"
-    cfg = tiny_config(manifest, out, steps=2, batch_size=4, ckpt_every=1)
+    # windows of up to 8 frames, down to 3 at large Δt: the ranks' batches differ in frame count,
+    # and each rank's loss is scaled by its share of the global batch's frames
+    cfg = tiny_config(manifest, out, steps=2, batch_size=4, ckpt_every=1, window=8, min_window=3, dt_max_ns=1.45e-3)
+    sampler = train.WindowSampler(train.load_split_shards(cfg, train.read_manifest(str(manifest)), "train", print)[0],
+                                  8, (cfg.dt_min_ns, cfg.dt_max_ns), cfg.max_residues, seed=cfg.seed, min_window=3)
+    frames = [[int(f) for f in sampler.sample(4)["frame_mask"].sum(1)] for _ in range(2)]  # the run's two global batches
+    assert any(sorted(fs[0::2]) != sorted(fs[1::2]) or max(fs[0::2]) != max(fs[1::2]) for fs in frames), frames
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -62,7 +68,8 @@ def test_two_gloo_processes_keep_replicas_in_sync(tmp_path):
     assert not torch.equal(ckpt["rng"][0]["generator"], ckpt["rng"][1]["generator"])
     # every rank restores its own random state, so a single process may not resume it
     try:
-        train.Trainer(tiny_config(manifest, out, steps=2, batch_size=4, ckpt_every=1, resume="auto"), log=print)
+        train.Trainer(tiny_config(manifest, out, steps=2, batch_size=4, ckpt_every=1, window=8, min_window=3,
+                                  dt_max_ns=1.45e-3, resume="auto"), log=print)
     except train.CheckpointError as err:
         assert "written by 2 processes" in str(err) and "--nproc_per_node=2" in str(err)
     else:  # pragma: no cover
