@@ -97,7 +97,7 @@ def mean_frames(rots: torch.Tensor, trans: torch.Tensor, weights: torch.Tensor) 
 
 
 def posterior_mean_trans(noisy_nm: torch.Tensor, anchor_nm: torch.Tensor, origin_nm: torch.Tensor,
-                         alpha, sigma_nm, prior_nm: float) -> torch.Tensor:
+                         alpha, sigma_nm, prior_nm) -> torch.Tensor:
     """E[x0 | x_t] under x0 ~ N(anchor, prior² I) and x_t = o + α (x0 − o) + σ ε.
 
     Parameters
@@ -106,7 +106,7 @@ def posterior_mean_trans(noisy_nm: torch.Tensor, anchor_nm: torch.Tensor, origin
     origin_nm : torch.Tensor, (..., 3), nm, the diffusion origin
     alpha, sigma_nm : float or torch.Tensor broadcastable to (..., N, 3)
         Mean coefficient and noise standard deviation (nm) of the translation process at t.
-    prior_nm : float
+    prior_nm : float or torch.Tensor broadcastable to (..., N, 3)
         Standard deviation of the displacement prior, nm per coordinate.
     """
     c = alpha * prior_nm ** 2 / (alpha ** 2 * prior_nm ** 2 + sigma_nm ** 2)
@@ -125,13 +125,33 @@ class PosteriorAnchor:
         Prior standard deviation of each Cα coordinate about the anchor, nm.
     prior_rad : float
         Prior standard deviation of the rotation about the anchor, rad per axis.
+    dt_exponent, dt_ref_ns : float
+        Both widths scale by (Δt / dt_ref_ns)^dt_exponent (:meth:`prior_scale`); 0 keeps them fixed.
+
+    Every method taking ``scale`` multiplies both prior widths by it (a tensor broadcastable to
+    t, from :meth:`prior_scale`; None: unscaled).
     """
 
-    def __init__(self, diffusion_config: DiffusionConfig, prior_nm: float, prior_rad: float):
+    def __init__(self, diffusion_config: DiffusionConfig, prior_nm: float, prior_rad: float,
+                 dt_exponent: float = 0.0, dt_ref_ns: float = 0.1):
         self.config = diffusion_config
         self.r3 = R3Diffuser(diffusion_config)
         self.prior_nm = float(prior_nm)
         self.prior_rad = float(prior_rad)
+        self.dt_exponent = float(dt_exponent)
+        self.dt_ref_ns = float(dt_ref_ns)
+
+    def prior_scale(self, dt_ns: torch.Tensor) -> torch.Tensor | None:
+        """(Δt / dt_ref_ns)^dt_exponent per batch element, float64, shape like ``dt_ns`` (ns);
+        None when the prior is fixed (dt_exponent 0), so the fixed path is unchanged bit for bit."""
+        if self.dt_exponent == 0.0:
+            return None
+        return (dt_ns.to(torch.float64) / self.dt_ref_ns) ** self.dt_exponent
+
+    def _widths(self, scale: torch.Tensor | None):
+        if scale is None:
+            return self.prior_nm, self.prior_rad
+        return self.prior_nm * scale, self.prior_rad * scale
 
     def _noise(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """alpha(t), the translation noise sigma(t) in nm and the rotation sigma_r(t) in rad (float64)."""
@@ -139,7 +159,8 @@ class PosteriorAnchor:
         sigma_nm = torch.sqrt(self.r3.variance(t)) * self.config.coordinate_scale_nm
         return self.r3.mean_coef(t), sigma_nm, rot_sigma(self.config, t)
 
-    def weights(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def weights(self, t: torch.Tensor, scale: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Blend weights at diffusion times t (any shape, float64 recommended).
 
         Returns
@@ -150,12 +171,14 @@ class PosteriorAnchor:
             Weight of the noisy input in the translation and rotation blends.
         """
         alpha, sigma_nm, sigma_rot = self._noise(t)
-        s2 = self.prior_nm ** 2
+        prior_nm, prior_rad = self._widths(scale)
+        s2 = prior_nm ** 2
         c_trans = alpha * s2 / (alpha ** 2 * s2 + sigma_nm ** 2)
-        c_rot = self.prior_rad ** 2 / (self.prior_rad ** 2 + sigma_rot ** 2)
+        c_rot = prior_rad ** 2 / (prior_rad ** 2 + sigma_rot ** 2)
         return alpha, c_trans, c_rot
 
-    def output_scales(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def output_scales(self, t: torch.Tensor, scale: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scales of the network's update at diffusion times t: the posterior standard deviation
         over the prior's, σ / sqrt(α² s² + σ²) for the Cα and σ_r / sqrt(s_r² + σ_r²) per rotation
         axis (EDM's c_out). At t → 0 the base is already the answer and the correction vanishes
@@ -166,11 +189,13 @@ class PosteriorAnchor:
         k_trans, k_rot : torch.Tensor, like t, in (0, 1]
         """
         alpha, sigma_nm, sigma_rot = self._noise(t)
-        k_trans = sigma_nm / torch.sqrt(alpha ** 2 * self.prior_nm ** 2 + sigma_nm ** 2)
-        k_rot = sigma_rot / torch.sqrt(self.prior_rad ** 2 + sigma_rot ** 2)
+        prior_nm, prior_rad = self._widths(scale)
+        k_trans = sigma_nm / torch.sqrt(alpha ** 2 * prior_nm ** 2 + sigma_nm ** 2)
+        k_rot = sigma_rot / torch.sqrt(prior_rad ** 2 + sigma_rot ** 2)
         return k_trans, k_rot
 
-    def base(self, anchor: Rigid, noisy: Rigid, origin_nm: torch.Tensor, t: torch.Tensor) -> Rigid:
+    def base(self, anchor: Rigid, noisy: Rigid, origin_nm: torch.Tensor, t: torch.Tensor,
+             scale: torch.Tensor | None = None) -> Rigid:
         """The posterior-mean frames.
 
         Parameters
@@ -188,9 +213,10 @@ class PosteriorAnchor:
         """
         dtype = anchor.trans.dtype
         alpha, sigma_nm, _ = (w.to(dtype)[..., None, None] for w in self._noise(t))
-        c_r = self.weights(t)[2].to(dtype)[..., None, None]
+        c_r = self.weights(t, scale)[2].to(dtype)[..., None, None]
+        prior_nm = self.prior_nm if scale is None else (self.prior_nm * scale).to(dtype)[..., None, None]
         trans = posterior_mean_trans(noisy.trans.to(dtype), anchor.trans, origin_nm.to(dtype), alpha, sigma_nm,
-                                     self.prior_nm)
+                                     prior_nm)
         delta = log_map(anchor.rots.transpose(-1, -2) @ noisy.rots.to(dtype))
         rots = anchor.rots @ exp_map(c_r * delta)
         return Rigid(rots, trans)

@@ -88,6 +88,13 @@ class ModelConfig(JsonConfig):
         and per-axis rotation (rad) between consecutive frames. Measured on our fitted MD windows
         at Δt 0.01–0.14 ns: 0.06–0.08 nm and 0.23–0.26 rad; the defaults (0.1 nm, 0.25 rad) allow
         for the longer steps of Δt ≈ 1 ns. The network learns the correction either way.
+    anchor_prior_dt_exponent, anchor_prior_dt_ref_ns : float
+        Let the "posterior" prior widen with Δt: both prior widths are multiplied by
+        (Δt / ``anchor_prior_dt_ref_ns``)^``anchor_prior_dt_exponent`` (with ``fixed_dt_ns`` set,
+        that Δt). 0 (default) keeps them fixed. Motivation (training/TRAINING.md): MD's per-frame
+        Cα motion grows with Δt (2M9I: 1.1 Å at 10 ps, 3.2 Å at 1 ns, roughly ∝ Δt^0.25), while
+        a fixed prior pulls the base of every prediction to within ~1 Å of the history at any Δt,
+        and small trained models were measured to move ~0.8 Å per frame whatever Δt.
     anchor_frames : int
         H, how many of the most recent clean frames (before contextual noise) make the anchor of
         "previous" and the prior centre of "posterior": 1 (default) is the previous frame; H > 1
@@ -120,6 +127,8 @@ class ModelConfig(JsonConfig):
     anchor_prior_nm: float = 0.1
     anchor_prior_rad: float = 0.25
     anchor_frames: int = 1
+    anchor_prior_dt_exponent: float = 0.0
+    anchor_prior_dt_ref_ns: float = 0.1
 
     def __post_init__(self):
         if self.attention not in _ATTENTION_MODES:
@@ -129,6 +138,11 @@ class ModelConfig(JsonConfig):
         if self.x0_anchor not in _ANCHORS:
             raise ValueError(
                 f"ModelConfig.x0_anchor={self.x0_anchor!r} is not a known anchor; use one of {_ANCHORS}."
+            )
+        if not (self.anchor_prior_dt_ref_ns > 0 and 0 <= self.anchor_prior_dt_exponent <= 1):
+            raise ValueError(
+                f"ModelConfig.anchor_prior_dt_ref_ns={self.anchor_prior_dt_ref_ns} must be > 0 and "
+                f"anchor_prior_dt_exponent={self.anchor_prior_dt_exponent} in [0, 1] (0: a fixed prior)."
             )
         if not (self.anchor_prior_nm > 0 and self.anchor_prior_rad > 0):
             raise ValueError(

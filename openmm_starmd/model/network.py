@@ -108,7 +108,8 @@ class StarMDNetwork(nn.Module):
         super().__init__()
         self.config = config
         self.diffusion_config = diffusion_config if diffusion_config is not None else DiffusionConfig()
-        self._posterior = (PosteriorAnchor(self.diffusion_config, config.anchor_prior_nm, config.anchor_prior_rad)
+        self._posterior = (PosteriorAnchor(self.diffusion_config, config.anchor_prior_nm, config.anchor_prior_rad,
+                                           config.anchor_prior_dt_exponent, config.anchor_prior_dt_ref_ns)
                            if config.x0_anchor == "posterior" else None)
         C = config.width
         self.aatype_embedding = nn.Embedding(N_AATYPES, C)
@@ -184,16 +185,24 @@ class StarMDNetwork(nn.Module):
         has = prev.any(dim=1)
         return torch.where(has, prev.float().argmax(dim=1), idx)
 
+    def _prior_scale(self, dt_ns) -> torch.Tensor | None:
+        """Width factor of the posterior prior per batch element, (B, 1) float64, or None (fixed)."""
+        if self.config.fixed_dt_ns is not None:
+            dt_ns = torch.full_like(torch.as_tensor(dt_ns, dtype=torch.float64), self.config.fixed_dt_ns)
+        scale = self._posterior.prior_scale(torch.as_tensor(dt_ns).reshape(-1))
+        return None if scale is None else scale[:, None]
+
     def _head(self, x: torch.Tensor, cond: torch.Tensor, frames: Rigid, t: torch.Tensor | None = None,
-              scaled: torch.Tensor | None = None) -> Rigid:
+              scaled: torch.Tensor | None = None, prior_scale: torch.Tensor | None = None) -> Rigid:
         """x0 = frames ∘ update; under the "posterior" anchor the update of the slots flagged in
-        ``scaled`` (B, S) is in units of the posterior standard deviation at their time t (B, S)."""
+        ``scaled`` (B, S) is in units of the posterior standard deviation at their time t (B, S)
+        (prior widths times ``prior_scale``, (B, 1), when the prior follows Δt)."""
         shift, scale = self.final_modulation(cond)[:, :, None].chunk(2, dim=-1)
         out = self.head(modulate(self.final_norm(x), shift, scale))
         with _no_autocast(x.device):
             out = out.to(frames.rots.dtype)
             if self._posterior is not None and t is not None:
-                k_t, k_r = (k.to(out.dtype) for k in self._posterior.output_scales(t))
+                k_t, k_r = (k.to(out.dtype) for k in self._posterior.output_scales(t, prior_scale))
                 one = torch.ones_like(k_t)
                 k_t, k_r = torch.where(scaled, k_t, one), torch.where(scaled, k_r, one)
                 out = torch.cat([out[..., :3] * k_r[..., None, None], out[..., 3:] * k_t[..., None, None]], dim=-1)
@@ -266,11 +275,12 @@ class StarMDNetwork(nn.Module):
                 # noisy slots with a predecessor blend it with their own input; the rest keep it
                 blend = sequence.noisy & (slots != torch.arange(slots.shape[0], device=slots.device))
                 origin_nm = ca_centroid(previous, mask[:, None])
-                base = self._posterior.base(frames, own, origin_nm, sequence.noise_level)
+                scale = self._prior_scale(sequence.dt_ns)
+                base = self._posterior.base(frames, own, origin_nm, sequence.noise_level, scale)
                 pick = blend[None, :, None]
                 frames = Rigid(torch.where(pick[..., None, None], base.rots, frames.rots),
                                torch.where(pick[..., None], base.trans, frames.trans))
-                return self._head(x, cond, frames, sequence.noise_level, blend[None, :])
+                return self._head(x, cond, frames, sequence.noise_level, blend[None, :], scale)
         return self._head(x, cond, frames)
 
     # ------------------------------------------------------------------ cached rollout
@@ -384,8 +394,9 @@ class StarMDNetwork(nn.Module):
                                          torch.stack([a.trans for a in rollout.anchors], 1), weights)
             if self._posterior is not None:
                 origin_nm = ca_centroid(previous, rollout.residues.mask[:, None])
-                anchor = self._posterior.base(anchor, frames, origin_nm, t[:, None])
-                out = self._head(x, cond, anchor, t[:, None], torch.ones_like(t[:, None], dtype=torch.bool))
+                scale = self._prior_scale(rollout.dt_ns)
+                anchor = self._posterior.base(anchor, frames, origin_nm, t[:, None], scale)
+                out = self._head(x, cond, anchor, t[:, None], torch.ones_like(t[:, None], dtype=torch.bool), scale)
                 return Rigid(out.rots[:, 0], out.trans[:, 0])
             frames = anchor
         out = self._head(x, cond, frames)

@@ -119,4 +119,7 @@ LAYOUTS = {
     "noisy_anchor": dict(TINY, x0_anchor="noisy"),
     "posterior_anchor": dict(TINY, x0_anchor="posterior"),
     "posterior_history_mean": dict(TINY, x0_anchor="posterior", anchor_frames=3),
+    # dt_ns 0.1 in these tests: the prior is 5^0.25 = 1.5x wider than at its reference
+    "posterior_dt_prior": dict(TINY, x0_anchor="posterior", anchor_frames=3, anchor_prior_dt_exponent=0.25,
+                               anchor_prior_dt_ref_ns=0.02),
 }

@@ -127,3 +127,44 @@ def test_trained_like_network_keeps_the_nearly_clean_input_at_tiny_t(short_md):
         mid = net(res, seq)
     assert (tiny.trans[:, 3] - seq.frames.trans[:, 3]).abs().max() < 1e-3
     assert (mid.trans[:, 3] - seq.frames.trans[:, 3]).abs().max() > 1e-2
+
+
+def test_prior_that_follows_dt_is_the_fixed_prior_with_scaled_widths():
+    """anchor_prior_dt_exponent γ: widths × (Δt / ref)^γ, i.e. exactly a fixed prior of those widths."""
+    follow = PosteriorAnchor(DiffusionConfig(), 0.1, 0.25, dt_exponent=0.25, dt_ref_ns=0.1)
+    assert PosteriorAnchor(DiffusionConfig(), 0.1, 0.25).prior_scale(torch.tensor([1.0])) is None
+    dt = torch.tensor([0.01, 0.1, 1.0], dtype=torch.float64)
+    scale = follow.prior_scale(dt)
+    torch.testing.assert_close(scale, torch.tensor([10 ** -0.25, 1.0, 10 ** 0.25], dtype=torch.float64))
+    t = torch.tensor([[0.05], [0.3], [0.8]], dtype=torch.float64)
+    for k in range(3):
+        fixed = PosteriorAnchor(DiffusionConfig(), 0.1 * float(scale[k]), 0.25 * float(scale[k]))
+        for a, b in zip(follow.weights(t[k], scale[k]), fixed.weights(t[k])):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(follow.output_scales(t[k], scale[k]), fixed.output_scales(t[k])):
+            torch.testing.assert_close(a, b)
+    # a wider prior trusts the noisy input more at the same t
+    c = [follow.weights(torch.tensor([0.3], dtype=torch.float64), s)[1] for s in scale]
+    assert c[0] < c[1] < c[2]
+
+
+def test_network_prior_widens_with_dt_unless_dt_is_fixed(short_md):
+    """A fresh posterior network returns the posterior base: with γ > 0 its x0 at Δt 1 ns moves further
+    from the prior centre (the previous frame) towards the noisy input than at 0.01 ns (by the ratio
+    of the blend weights, ~3x at t = 0.3); with fixed_dt_ns the data's Δt no longer matters."""
+    res = residues_of(short_md)
+    outs = {}
+    for fixed in (None, 0.1):
+        net = StarMDNetwork(ModelConfig(**TINY, x0_anchor="posterior", anchor_prior_dt_exponent=0.25,
+                                        fixed_dt_ns=fixed)).double()
+        for dt in (0.01, 1.0):
+            seq = training_layout(short_md["frames"], 3, dt_ns=dt)
+            seq.noise_level[:, 3:] = 0.3
+            with torch.no_grad():
+                out = net(res, seq)
+            # how far x0 of noisy frames 1, 2 moved from their prior centres, clean frames 0, 1
+            outs[fixed, dt] = float((out.trans[:, 4:] - seq.frames.trans[:, :2]).norm(dim=-1).mean())
+    assert outs[None, 1.0] > 2 * outs[None, 0.01]
+    assert outs[0.1, 1.0] == pytest.approx(outs[0.1, 0.01], rel=1e-12)
+    with pytest.raises(ValueError, match="anchor_prior_dt_exponent"):
+        ModelConfig(**TINY, anchor_prior_dt_exponent=-0.5)
