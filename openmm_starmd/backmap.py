@@ -219,13 +219,12 @@ def separate_overlaps(positions_nm: np.ndarray, massive: np.ndarray, below_nm: f
     x = np.array(positions_nm, dtype=np.float64, copy=True)
     index = np.flatnonzero(massive)
     fallback = np.array([0.48, 0.6, 0.64])  # unit vector
-    for _ in range(passes):
-        hit = closest_pair(x[index], below_nm)
-        if hit is None:
-            break
-        from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree
 
+    for _ in range(passes):
         pairs = cKDTree(x[index]).query_pairs(below_nm, output_type="ndarray")
+        if len(pairs) == 0:
+            break
         for a, b in index[pairs]:
             v = x[b] - x[a]
             d = float(np.linalg.norm(v))
@@ -330,7 +329,7 @@ def shield_bare_hydrogens(system: openmm.System) -> int:
     int
         Number of hydrogens shielded.
     """
-    shielded = {}
+    shielded = set()
     for force in system.getForces():
         if not isinstance(force, openmm.NonbondedForce):
             continue
@@ -340,7 +339,7 @@ def shield_bare_hydrogens(system: openmm.System) -> int:
             if 0 < mass < 1.5 and epsilon.value_in_unit(unit.kilojoule_per_mole) == 0 and \
                     charge.value_in_unit(unit.elementary_charge) != 0:
                 force.setParticleParameters(i, charge, _SHIELD_SIGMA_NM, _SHIELD_EPSILON_KJ)
-                shielded[i] = True
+                shielded.add(i)
         if not shielded:
             continue
         for k in range(force.getNumExceptions()):
