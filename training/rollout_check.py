@@ -125,6 +125,7 @@ def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, se
                                     config=config, seed=seed)
     sampler.add_history(frames)
     out = sampler.generate(n_frames)
+    t_min = config.t_min
     ca = out.trans.reshape(-1, shard.n_residues, 3).detach().cpu().numpy().astype(np.float64)
     ref_ca = shard.coords_nm[:, :, 1].astype(np.float64)
     last_hist = ref_ca[idx[-1]]
@@ -132,7 +133,7 @@ def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, se
     end = idx[-1] + n_frames * stride
     row = {
         "protein": shard.name, "residues": shard.n_residues, "dt_ns": stride * shard.frame_spacing_ns,
-        "frames": n_frames, "ca_validity": float(geo["valid"].mean()), "ca_ca_A": geo["ca_ca_A"],
+        "t_min": t_min, "frames": n_frames, "ca_validity": float(geo["valid"].mean()), "ca_ca_A": geo["ca_ca_A"],
         "drift_A": _rmsd_nm(ca[-1], last_hist) * 10,
         "ref_drift_A": _rmsd_nm(ref_ca[end], last_hist) * 10 if end < shard.n_frames else None,
         "rmsf_r": rmsf_correlation(ref_ca, ca) if n_frames >= 3 else None,
@@ -149,12 +150,12 @@ def markdown(rows: list[dict]) -> str:
     def f(x, fmt):
         return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
 
-    lines = ["| protein | residues | Δt (ns) | frames | Cα validity (MD) | Cα–Cα min / mean / max (Å) "
+    lines = ["| protein | residues | Δt (ns) | t_min | frames | Cα validity (MD) | Cα–Cα min / mean / max (Å) "
              "| drift (Å) | MD drift (Å) | step (Å) | MD step (Å) | RMSF r |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cc = "{:.2f} / {:.2f} / {:.2f}".format(*r["ca_ca_A"])
-        lines.append(f"| {r['protein']} | {r['residues']} | {r['dt_ns']:g} | {r['frames']} | "
+        lines.append(f"| {r['protein']} | {r['residues']} | {r['dt_ns']:g} | {f(r.get('t_min'), 'g')} | {r['frames']} | "
                      f"{r['ca_validity']:.2f} ({r['ref_ca_validity']:.2f}) | {cc} | {f(r['drift_A'], '.2f')} | "
                      f"{f(r['ref_drift_A'], '.2f')} | {f(r.get('step_A'), '.2f')} | {f(r.get('ref_step_A'), '.2f')} | "
                      f"{f(r['rmsf_r'], '.2f')} |")
@@ -175,8 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="reverse diffusion steps (default: the model's)")
     p.add_argument("--ode", action="store_true", default=None, help="probability-flow ODE instead of the reverse SDE")
     p.add_argument("--noise-scale", type=float, default=None, help="SDE noise multiplier (default: the model's)")
-    p.add_argument("--t-min", type=float, default=None,
-                   help="diffusion time of the last network pass, whose x0 is the frame (default: the model's)")
+    p.add_argument("--t-min", type=float, nargs="+", default=[None],
+                   help="diffusion time(s) of the last network pass, whose x0 is the frame (default: the model's); "
+                        "several values sweep it, e.g. to pick t_min on the validation proteins")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -201,9 +203,10 @@ def main(argv=None) -> int:
     for name in (args.proteins or sorted(entries)):
         shard = load_shard(os.path.join(base, entries[name]["file"]), entries[name]["sha256"])
         for dt in args.dt_ns:
-            rows.append(check_protein(loaded, shard, dt, args.frames, args.history, args.seed, args.steps,
-                                      ode=args.ode, noise_scale=args.noise_scale, t_min=args.t_min))
-            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+            for t_min in args.t_min:
+                rows.append(check_protein(loaded, shard, dt, args.frames, args.history, args.seed, args.steps,
+                                          ode=args.ode, noise_scale=args.noise_scale, t_min=t_min))
+                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as fh:

@@ -69,6 +69,15 @@ def test_rollout_of_a_fresh_model_on_a_real_shard(tmp_path):
     assert 3.6 < row["ca_ca_A"][1] < 4.0 and row["drift_A"] < 1.0
     # per-frame motion next to MD's at the same Δt (MD moves ~0.3-1 Å in 10 ps)
     assert 0 <= row["step_A"] < 1.0 and 0.1 < row["ref_step_A"] < 1.5
+    assert row["t_min"] == 0.01  # the model's own when --t-min is not given
+
+    # a sweep of the last diffusion time: one row per value, each recorded (the zero-head network's
+    # x0 is the previous frame at any t, so the first row repeats the run above)
+    assert rollout_check.main([str(path), "--proteins", "2M9I", "--dt-ns", "0.01", "--frames", "3",
+                               "--t-min", "0.01", "0.2", "--json", str(rows)]) == 0
+    sweep = json.loads(rows.read_text())
+    assert [r["t_min"] for r in sweep] == [0.01, 0.2]
+    assert sweep[0]["step_A"] == pytest.approx(row["step_A"], rel=1e-6)
 
 
 def test_mean_step_is_the_superposed_rmsd_between_frames_stride_apart():
