@@ -18,7 +18,9 @@ the plan).
 ``--summary`` prints the table (protein, split, residues, replicas, ns, frames) and the range of
 Δt the data really covers for windows of ``--window`` frames, and of ``--min-window`` frames
 (training/train.py's shortest examples): STAR-MD trains with Δt ~ LogUniform[0.01, 10] ns, and a
-trajectory of F frames at spacing s only supports Δt ≤ s (F - 1) / (L - 1).
+trajectory of F frames at spacing s only supports Δt ≤ s (F - 1) / (L - 1). Its last line says
+whether the data floor (:data:`FLOOR`) is met and how much MD is still missing; ``--check-floor``
+turns that into the exit status (0 met, 3 not), for scripts that train once it is.
 """
 from __future__ import annotations
 
@@ -170,7 +172,79 @@ def summary(manifest: dict, window: int = 2, min_window: int | None = None) -> s
         short = [n for n, r in rows.items() if r["split"] == "test" and r["replicas"] < 2]
         if short:
             lines.append(f"test proteins with fewer than 2 replicas: {', '.join(short)}")
+        lines.append(floor_line(floor_status(manifest)))
     return "\n".join(lines)
+
+
+#: The data floor before the first default model is trained (the data issue): at least 10 real
+#: proteins of 10-70 residues at 10 ps frames, every trajectory at least 4 ns (so 1-ns strides fill
+#: a window of 4 frames), among them 3 test proteins with 2 independent replicas each.
+FLOOR = dict(proteins=10, min_residues=10, max_residues=70, spacing_ns=0.01, min_ns=4.0, test_proteins=3,
+             test_replicas=2)
+
+
+def floor_status(manifest: dict, floor: dict | None = None) -> dict:
+    """How far the manifest's data is from the floor (:data:`FLOOR`).
+
+    A protein *counts* when its residues are in range, every shard of it has the floor's frame
+    spacing and at least ``min_ns`` ns, and (test proteins) it has ``test_replicas`` replicas.
+
+    Returns
+    -------
+    dict
+        ``met`` (bool); ``counted`` (names of proteins that count); ``test_counted``; ``missing_ns``,
+        the MD still to run for the proteins of the manifest to count (every short trajectory to
+        ``min_ns``, missing test replicas from scratch), plus ``min_ns`` per replica of each protein
+        still lacking (ns, assuming one replica each, ``test_replicas`` for missing test proteins);
+        ``problems``: proteins that cannot count as they are (residues or spacing), with the reason.
+    """
+    f = dict(FLOOR, **(floor or {}))
+    tol = 1e-6
+    by_protein: dict[str, list] = {}
+    for e in manifest["shards"]:
+        by_protein.setdefault(e["protein"], []).append(e)
+    counted, test_counted, problems = [], [], {}
+    missing = 0.0
+    for name, shards in sorted(by_protein.items()):
+        split = shards[0]["split"]
+        res = shards[0]["residues"]
+        if not f["min_residues"] <= res <= f["max_residues"]:
+            problems[name] = f"{res} residues, outside {f['min_residues']}-{f['max_residues']}"
+            continue
+        if any(abs(e["spacing_ns"] - f["spacing_ns"]) > tol for e in shards):
+            problems[name] = f"frame spacing {sorted({e['spacing_ns'] for e in shards})} ns, not {f['spacing_ns']:g} ns"
+            continue
+        need = f["test_replicas"] if split == "test" else 1
+        short = sum(max(0.0, f["min_ns"] - e["total_ns"]) for e in shards)
+        short += max(0, need - len(shards)) * f["min_ns"]
+        missing += short
+        if short <= tol:
+            counted.append(name)
+            if split == "test":
+                test_counted.append(name)
+    n_test = sum(1 for s in by_protein.values() if s[0]["split"] == "test" and s[0]["protein"] not in problems)
+    missing += max(0, f["test_proteins"] - n_test) * f["test_replicas"] * f["min_ns"]
+    usable = len(by_protein) - len(problems) + max(0, f["test_proteins"] - n_test)
+    missing += max(0, f["proteins"] - usable) * f["min_ns"]
+    met = len(counted) >= f["proteins"] and len(test_counted) >= f["test_proteins"]
+    return {"met": met, "counted": counted, "test_counted": test_counted, "missing_ns": missing,
+            "problems": problems, "floor": f}
+
+
+def floor_line(status: dict) -> str:
+    """One line for the summary."""
+    f = status["floor"]
+    head = (f"floor ({f['proteins']} proteins of {f['min_residues']}-{f['max_residues']} residues, every trajectory "
+            f">= {f['min_ns']:g} ns at {f['spacing_ns'] * 1000:g} ps, {f['test_proteins']} test proteins x "
+            f"{f['test_replicas']} replicas): ")
+    if status["met"]:
+        return head + f"MET ({len(status['counted'])} proteins count)"
+    text = (head + f"not met: {len(status['counted'])} of {f['proteins']} proteins count, "
+            f"{len(status['test_counted'])} of {f['test_proteins']} test proteins; about "
+            f"{status['missing_ns']:.1f} ns of MD to go")
+    for name, why in status["problems"].items():
+        text += f"\n  {name} cannot count: {why}"
+    return text
 
 
 def main(argv=None) -> int:
@@ -188,6 +262,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-window", type=int, default=4,
                    help="shortest training window (train.py --min-window), also shown in --summary")
     p.add_argument("--verify", action="store_true", help="load every shard and check its sha256")
+    p.add_argument("--check-floor", action="store_true",
+                   help="exit with status 3 unless the data meets the floor (FLOOR: 10 proteins x 4 ns, 3 test "
+                        "proteins x 2 replicas); prints how far it is")
     args = p.parse_args(argv)
     if args.no_build:
         with open(args.manifest) as fh:
@@ -201,6 +278,11 @@ def main(argv=None) -> int:
         print(f"verified {len(manifest['shards'])} shards")
     if args.summary:
         print(summary(manifest, args.window, args.min_window))
+    if args.check_floor:
+        status = floor_status(manifest)
+        if not args.summary:
+            print(floor_line(status))
+        return 0 if status["met"] else 3
     return 0
 
 

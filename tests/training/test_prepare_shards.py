@@ -102,3 +102,47 @@ def test_broken_run_is_skipped_not_half_written(tmp_path, md_root):
     assert any("skipped protB/r0" in l and "file is empty" in l for l in logs)
     assert not (tmp_path / "d" / "shards" / "protB_r0.npz").exists()
     assert not [p for p in (tmp_path / "d" / "shards").iterdir() if "tmp" in p.name]
+
+
+def _floor_manifest(changes=None):
+    """Manifest entries meeting the floor exactly: 7 train/validation proteins x 1 and 3 test x 2 at 4 ns."""
+    shards = []
+    for i in range(10):
+        split = "test" if i < 3 else ("validation" if i == 3 else "train")
+        for r in range(2 if split == "test" else 1):
+            shards.append(dict(protein=f"p{i}", replica=r, split=split, residues=30 + i, frames=400,
+                               spacing_ns=0.01, total_ns=4.0))
+    for (name, replica), change in (changes or {}).items():
+        for e in shards:
+            if e["protein"] == name and e["replica"] == replica:
+                e.update(change)
+    return {"shards": [e for e in shards if e.get("total_ns") is not None]}
+
+
+def test_floor_status_counts_what_the_data_issue_asks_for():
+    met = prepare.floor_status(_floor_manifest())
+    assert met["met"] and len(met["counted"]) == 10 and len(met["test_counted"]) == 3 and met["missing_ns"] == 0
+    assert "MET" in prepare.floor_line(met)
+
+    # one training trajectory 1.5 ns short, one test replica missing altogether
+    short = prepare.floor_status(_floor_manifest({("p5", 0): dict(total_ns=2.5, frames=250),
+                                                    ("p1", 1): dict(total_ns=None)}))
+    assert not short["met"] and len(short["counted"]) == 8 and len(short["test_counted"]) == 2
+    assert short["missing_ns"] == pytest.approx(1.5 + 4.0)
+    assert "about 5.5 ns of MD to go" in prepare.floor_line(short)
+
+    # a protein outside 10-70 residues or at another spacing never counts, and is named
+    odd = prepare.floor_status(_floor_manifest({("p6", 0): dict(residues=120), ("p7", 0): dict(spacing_ns=0.1)}))
+    assert not odd["met"] and set(odd["problems"]) == {"p6", "p7"}
+    assert odd["missing_ns"] == pytest.approx(2 * 4.0)  # two more proteins of 4 ns are needed
+    line = prepare.floor_line(odd)
+    assert "p6 cannot count: 120 residues" in line and "p7 cannot count: frame spacing [0.1] ns" in line
+
+
+def test_check_floor_exit_status(tmp_path, capsys):
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(_floor_manifest({("p0", 1): dict(total_ns=3.99, frames=399)})))
+    assert prepare.main(["--no-build", "--manifest", str(path), "--check-floor"]) == 3
+    assert "not met: 9 of 10 proteins count, 2 of 3 test proteins" in capsys.readouterr().out
+    path.write_text(json.dumps(_floor_manifest()))
+    assert prepare.main(["--no-build", "--manifest", str(path), "--check-floor"]) == 0
