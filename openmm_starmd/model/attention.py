@@ -41,6 +41,16 @@ from .rope import apply_rope
 __all__ = ["InvariantPointAttention", "FullContext", "sdpa"]
 
 
+def _slot_selector(slots: list[int], device):
+    """A function picking ``slots`` (sorted indices) along dim 2 of a (B, H, S, N, E) tensor: a view
+    when they are contiguous, a gather otherwise."""
+    lo, n = slots[0], len(slots)
+    if slots == list(range(lo, lo + n)):
+        return lambda x: x.narrow(2, lo, n)
+    index = torch.tensor(slots, dtype=torch.long, device=device)
+    return lambda x: x.index_select(2, index)
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA with the fused point term: q and k already carry every scale, so ``scale=1``."""
     with torch.autocast(device_type=q.device.type, enabled=False):
@@ -196,25 +206,50 @@ class FullContext:
     -----
     In "time" layers a missing residue would have no key left at all, so every token also sees
     itself; a missing residue's own output is meaningless and never seen by valid tokens.
+
+    "joint" layers do not call SDPA once on all S·N tokens with an (S·N)² mask: query slots are
+    grouped by the set of key slots they may see, and each group attends to only those (one SDPA
+    call per group, keys gathered, the residue mask the only mask). Under the block-causal layout
+    of training ([clean 1..L, noisy 1..L]) a slot sees at most L of the 2L slots, and half of them
+    on average, so this computes L(L+1)/(4L²) ≈ 28 % of the dense scores at L = 8: measured 4.3x
+    faster forward + backward on the CPU (B 4, L 8, N 48). The result is the same attention:
+    masked keys had weight exactly 0.
     """
 
     def __init__(self, slot_frame, slot_noisy, valid, window=None):
         S = slot_frame.shape[0]
         B, N = valid.shape
         vis = slot_visibility(slot_frame[:, None], slot_noisy[:, None], slot_frame[None, :], slot_noisy[None, :], window)
-        self._joint = (vis[None, :, None, :, None] & valid[:, None, None, None, :]).expand(B, S, N, S, N)
-        self._joint = self._joint.reshape(B, 1, S * N, S * N)
         self._frame = valid[:, None, None, None, :]  # (B, 1, 1, 1, N): keys of the query's own slot
         eye = torch.eye(S, dtype=torch.bool, device=valid.device)
         # (B, 1, N, S, S): same residue, visible slot, key valid or the token itself
         self._time = vis[None, None, None] & (valid[:, None, :, None, None] | eye)
+        # "joint": query slots grouped by the key slots they see, in order of their first query slot
+        groups: dict[tuple, list[int]] = {}
+        for s, row in enumerate(vis.cpu().tolist()):
+            groups.setdefault(tuple(i for i, seen in enumerate(row) if seen), []).append(s)
+        all_valid = bool(valid.all())
+        self._groups = []
+        for keys, queries in groups.items():
+            mask = None if all_valid else valid[:, None, None, :].repeat(1, 1, 1, len(keys))  # (B, 1, 1, K N)
+            self._groups.append((_slot_selector(queries, valid.device), _slot_selector(keys, valid.device), len(queries),
+                                 mask))
+        order = [s for queries in groups.values() for s in queries]
+        self._inverse = None
+        if order != list(range(S)):
+            self._inverse = torch.empty(S, dtype=torch.long, device=valid.device)
+            self._inverse[torch.tensor(order, device=valid.device)] = torch.arange(S, device=valid.device)
 
     def attend(self, layer: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v (B, H, S, N, E) -> attention output (B, H, S, N, E_v)."""
         B, H, S, N, _ = q.shape
         if kind == "joint":
-            out = sdpa(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), self._joint)
-            return out.view(B, H, S, N, -1)
+            outs = []
+            for q_sel, k_sel, n_q, mask in self._groups:
+                out = sdpa(q_sel(q).flatten(2, 3), k_sel(k).flatten(2, 3), k_sel(v).flatten(2, 3), mask)
+                outs.append(out.view(B, H, n_q, N, -1))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            return out if self._inverse is None else out.index_select(2, self._inverse)
         if kind == "frame":
             return sdpa(q, k, v, self._frame)
         if kind == "time":
