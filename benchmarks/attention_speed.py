@@ -13,13 +13,12 @@ dense time / grouped time.
 from __future__ import annotations
 
 import argparse
-import time
-
 import torch
 import torch.nn.functional as F
 
 from openmm_starmd.model.attention import FullContext
 from openmm_starmd.model.masks import slot_visibility
+from timing import seconds_per_call
 
 
 def dense(frame, noisy, valid, q, k, v):
@@ -28,18 +27,6 @@ def dense(frame, noisy, valid, q, k, v):
     mask = (vis[None, :, None, :, None] & valid[:, None, None, None, :]).expand(B, S, N, S, N).reshape(B, 1, S * N, S * N)
     out = F.scaled_dot_product_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), attn_mask=mask, scale=1.0)
     return out.view(B, H, S, N, -1)
-
-
-def timed(fn, repeats, device):
-    fn()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
 
 
 def main(argv=None) -> int:
@@ -78,8 +65,8 @@ def main(argv=None) -> int:
         def run_grouped():
             FullContext(frame, noisy, valid).attend(0, "joint", q, k, v).sum().backward()
 
-        td = timed(run_dense, a.repeats, dev)
-        tg = timed(run_grouped, a.repeats, dev)
+        td = seconds_per_call(run_dense, a.repeats, dev)
+        tg = seconds_per_call(run_grouped, a.repeats, dev)
         print(f"| {n} | {2 * L * n} | {td * 1e3:.1f} | {tg * 1e3:.1f} | {td / tg:.2f} |", flush=True)
     return 0
 

@@ -16,10 +16,7 @@ to N contiguous residues (speed does not depend on the motion).
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,7 @@ from training_helpers import load_training_module  # noqa: E402
 from openmm_starmd.data import BackboneShard  # noqa: E402
 from openmm_starmd.diffusion import SE3Diffuser  # noqa: E402
 from openmm_starmd.model import StarMDNetwork  # noqa: E402
+from timing import seconds_per_call  # noqa: E402
 
 train = load_training_module("train")
 
@@ -77,15 +75,7 @@ def measure(cfg, n_residues: int, batch: int, steps: int, device: torch.device) 
         ema.update(net)
         tokens = int(b["mask"].sum()) * 2 * cfg.window
 
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
+    dt = seconds_per_call(step, steps, device)
     return batch / dt, tokens / dt, tokens
 
 
