@@ -607,6 +607,9 @@ class Trainer:
         train_shards, train_entries = load_split_shards(cfg, manifest, cfg.train_split, self._log)
         self.data_fingerprint = _fingerprint(train_entries)
         self.train_proteins = sorted({e["protein"] for e in train_entries})
+        #: the trajectories trained on, for the model's metadata (its card's "data" line)
+        self.train_data = [{k: e.get(k) for k in ("protein", "replica", "frames", "spacing_ns", "total_ns", "sha256")}
+                           for e in sorted(train_entries, key=lambda e: (e["protein"], e["replica"]))]
         self.batches = RankBatches(train_shards, cfg, self.info)
         supports = [self.batches.sampler.dt_support_ns(s) for s in train_shards]
         #: the Δt range the training windows really covered (ns), recorded in exported models
@@ -713,7 +716,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "data": {**self.batches.state_dict(), "shards": json.dumps(self.data_fingerprint)},
-                "coverage": json.dumps({"train_proteins": self.train_proteins, "trained_dt_ns": self.trained_dt_ns}),
+                "coverage": json.dumps({"train_proteins": self.train_proteins, "trained_dt_ns": self.trained_dt_ns,
+                                        "train_data": self.train_data}),
                 "rng": [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in rng],
             }
             _atomic_torch_save(payload, path)
@@ -733,7 +737,7 @@ class Trainer:
         metadata = {
             "weights": "ema", "ema_decay": self.cfg.ema_decay, "steps": self.step, "total_steps": self.cfg.steps,
             "train_proteins": self.train_proteins, "val_loss": self.val_history[-1][1] if self.val_history else None,
-            "trained_dt_ns": self.trained_dt_ns, "train_config": self.cfg.to_dict(),
+            "trained_dt_ns": self.trained_dt_ns, "train_data": self.train_data, "train_config": self.cfg.to_dict(),
         }
         shadow = copy.deepcopy(self.ema.shadow).cpu()
         return save_model(path, shadow, d, SamplingConfig(t_min=d.t_min, context_tau_max=d.context_tau_max), metadata)

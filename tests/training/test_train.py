@@ -338,6 +338,12 @@ def test_export_script_writes_the_checkpoints_ema_weights(manifest, tmp_path):
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         assert torch.equal(x, y)
     assert b.metadata["steps"] == 2 and b.metadata["note"] == "test"
+    # both record what the model was trained on: every training trajectory, with its sha256
+    entries = [e for e in json.loads(Path(manifest).read_text())["shards"] if e["split"] == "train"]
+    for m in (a, b):
+        got = m.metadata["train_data"]
+        assert [(d["protein"], d["replica"], d["frames"], d["sha256"]) for d in got] == sorted(
+            (e["protein"], e["replica"], e["frames"], e["sha256"]) for e in entries)
     assert a.sampling_config.to_dict() == b.sampling_config.to_dict()
     # recommended sampler settings can be stored with the model; a wrong field is a usage error
     tuned = load_model(export.export(trainer.out / "checkpoint.pt", tmp_path / "tuned.pt", sampling={"t_min": 0.05}))
