@@ -608,8 +608,10 @@ class Trainer:
         self.data_fingerprint = _fingerprint(train_entries)
         self.train_proteins = sorted({e["protein"] for e in train_entries})
         #: the trajectories trained on, for the model's metadata (its card's "data" line)
-        self.train_data = [{k: e.get(k) for k in ("protein", "replica", "frames", "spacing_ns", "total_ns", "sha256")}
-                           for e in sorted(train_entries, key=lambda e: (e["protein"], e["replica"]))]
+        self.train_data = sorted(({"protein": e["protein"], "replica": int(e.get("replica", 0)), "frames": sh.n_frames,
+                                   "spacing_ns": float(sh.frame_spacing_ns), "total_ns": float(sh.total_ns),
+                                   "sha256": e["sha256"]} for sh, e in zip(train_shards, train_entries)),
+                                 key=lambda d: (d["protein"], d["replica"]))
         self.batches = RankBatches(train_shards, cfg, self.info)
         supports = [self.batches.sampler.dt_support_ns(s) for s in train_shards]
         #: the Δt range the training windows really covered (ns), recorded in exported models

@@ -1,0 +1,40 @@
+"""training/model_card.py: the facts table comes from the model file and the manifest."""
+from __future__ import annotations
+
+import json
+
+from training_helpers import load_training_module
+
+train = load_training_module("train")
+model_card = load_training_module("model_card")
+from test_train import manifest, tiny_config  # noqa: E402,F401  (the real short-MD shards and a tiny run)
+
+
+def test_facts_of_a_trained_model(manifest, tmp_path):  # noqa: F811
+    out = tmp_path / "model.pt"
+    cfg = tiny_config(manifest, tmp_path / "run", steps=2, export=str(out), lr=2e-4)
+    train.train(cfg, log=lambda *a, **k: None)
+    rows = dict(model_card.facts(str(out), str(manifest)))
+    entries = [e for e in json.loads(manifest.read_text())["shards"]]
+    train_ns = sum(e["frames"] * e["spacing_ns"] for e in entries if e["split"] == "train")
+    assert f"{train_ns:.3g} ns in all" in rows["data"]
+    # force field and temperature come from the shards themselves
+    from openmm_starmd.data import load_shard
+
+    shard = load_shard(manifest.parent / next(e["file"] for e in entries if e["split"] == "train"))
+    assert f"({shard.forcefield}, {shard.temperature_k:g} K)" in rows["data"]
+    assert "after 2 of 2 steps" in rows["weights"] and " MB" in rows["weights"]
+    n_params = sum(p.numel() for p in train.StarMDNetwork(cfg.model_config()).parameters())
+    assert f"{n_params / 1e6:.2f} M parameters" in rows["architecture"]
+    # the command reproduces the run's non-default options, and only those
+    cmd = rows["command"]
+    assert "--steps 2" in cmd and "--lr 0.0002" in cmd and "--resume" not in cmd and "--manifest" not in cmd
+    assert "--batch-size" not in cmd or f"--batch-size {cfg.batch_size}" in cmd
+    text = model_card.markdown(list(rows.items()))
+    assert text.startswith("| | |\n|---|---|\n| architecture |")
+
+
+def test_train_command_lists_only_changed_options():
+    cmd = model_card.train_command({"steps": 8000, "lr": 1e-4, "contextual_noise": False,
+                                    "model": {"width": 64, "blocks": 4}, "loss": {}, "resume": "auto"})
+    assert cmd == "python training/train.py --steps 8000 --no-contextual-noise --model width=64 blocks=4"
