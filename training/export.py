@@ -24,6 +24,25 @@ from openmm_starmd.model.network import StarMDNetwork  # noqa: E402
 from openmm_starmd.sampling import SamplingConfig  # noqa: E402
 
 
+def _train_data_from_fingerprint(payload: dict, manifest_path: str) -> list[dict]:
+    """The per-trajectory record of checkpoints written before train.py stored one: (protein,
+    replica, sha256) from the checkpoint's data fingerprint, with frames and ns from the run's
+    manifest where a shard of that sha256 is still listed (None where it has changed since)."""
+    fingerprint = json.loads(payload["data"]["shards"])
+    try:
+        with open(manifest_path) as fh:
+            by_sha = {e["sha256"]: e for e in json.load(fh)["shards"]}
+    except (OSError, ValueError, KeyError):
+        by_sha = {}
+    out = []
+    for protein, replica, sha in fingerprint:
+        e = by_sha.get(sha, {})
+        frames, spacing = e.get("frames"), e.get("spacing_ns")
+        out.append({"protein": protein, "replica": int(replica), "frames": frames, "spacing_ns": spacing,
+                    "total_ns": e.get("total_ns", frames * spacing if frames and spacing else None), "sha256": sha})
+    return out
+
+
 def export(checkpoint, out, note: str | None = None, sampling: dict | None = None) -> Path:
     """Write the EMA weights of ``checkpoint`` to ``out``.
 
@@ -42,6 +61,8 @@ def export(checkpoint, out, note: str | None = None, sampling: dict | None = Non
     }
     if "coverage" in payload:  # training proteins and the Δt range their windows covered
         metadata.update(json.loads(payload["coverage"]))
+    if "train_data" not in metadata:
+        metadata["train_data"] = _train_data_from_fingerprint(payload, cfg.manifest)
     if note:
         metadata["note"] = note
     # from_dict names unknown keys and SamplingConfig checks the values

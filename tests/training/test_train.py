@@ -352,3 +352,11 @@ def test_export_script_writes_the_checkpoints_ema_weights(manifest, tmp_path):
     with pytest.raises(SystemExit):
         export.main([str(trainer.out / "checkpoint.pt"), str(tmp_path / "bad.pt"), "--sampling", "tmin=0.05"])
     assert not (tmp_path / "bad.pt").exists()
+    # a checkpoint from before the per-trajectory record: rebuilt from its data fingerprint and the manifest
+    payload = torch.load(trainer.out / "checkpoint.pt", weights_only=True)
+    coverage = json.loads(payload["coverage"])
+    del coverage["train_data"]
+    payload["coverage"] = json.dumps(coverage)
+    torch.save(payload, tmp_path / "old.pt")
+    old = load_model(export.export(tmp_path / "old.pt", tmp_path / "old_model.pt"))
+    assert old.metadata["train_data"] == a.metadata["train_data"]
