@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# dt = 0.1 ns: the interim bundled model has only seen Δt up to 0.14 ns (see openmm_starmd/data/MODEL_CARD.md)
+# dt = 0.1 ns: the interim bundled model ignores Δt and moves ~0.55 Å per frame, closest to MD's
+# per-frame motion at short Δt (see openmm_starmd/data/MODEL_CARD.md)
 # OMP_NUM_THREADS=1: with another process on a 2-core box, 2 torch threads ran ~30x slower (threads spin)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python examples/run_protein.py --steps 200 --dt-ns 0.1 --report-every 10 --out demo_out

@@ -330,16 +330,10 @@ def _trained_model():
         pytest.skip(f"needs the bundled trained STAR-MD model ({exc})")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bundled model is an interim one (4000 CPU steps on 7.2 ns of six small proteins, see "
-    "openmm_starmd/data/MODEL_CARD.md): on unseen crambin its generated consecutive Cα-Cα spread to 3.2-4.7 Å "
-    "within 50 frames (Δt = 0.1 ns; this test asks for 1 ns, beyond its trained 0.01-0.28 ns), so the restrained "
-    "minimisation keeps the peptide bonds but not the Cα within 0.1 Å (measured 0.13 Å; the previous interim "
-    "models 0.22 Å (v3) and 0.13-0.31 Å (v2)). strict: remove this marker when a model trained on the mini-ATLAS "
-    "floor makes it pass.",
-)
 def test_backmapped_generated_frames_keep_peptide_bonds_and_ca(crambin_pdb):
+    """The bundled model on unseen crambin at Δt = 1 ns: after backmapping, every peptide bond is
+    1.25-1.45 Å and the Cα sit within 0.1 Å RMSD of the generated frames (interim v5 measured
+    0.079-0.089 Å with seed 0, 0.078-0.094 Å over seeds 0-2; v4 failed it at 0.13 Å)."""
     model = _trained_model()
     crambin = Fragment(crambin_pdb)
     integ = StarMDIntegrator(dt=1 * unit.nanoseconds, model=model, device="cpu", seed=0)
