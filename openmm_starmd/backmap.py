@@ -47,7 +47,10 @@ the user's ``StateDataReporter`` stopped the run), and atoms closer than 0.5 Å 
 transport are pushed apart before minimising (:func:`separate_overlaps`). A result that still
 has two atoms closer than 0.3 Å (far below any physical contact; geminal H–H pairs sit 1.5 Å
 apart) is kept but flagged: a :class:`BackmapWarning` the first time, and a count in
-``Backmapper.strained_frames``. The checks are k-d tree queries, a few ms for 3,000 atoms.
+``Backmapper.strained_frames``. The checks are k-d tree queries, a few ms for 3,000 atoms. So is
+a frame whose disulfide is stretched beyond 2.3 Å (:data:`MAX_DISULFIDE_NM`): the model has no
+notion of disulfides, and over long rollouts of crambin it pulled the cysteines 3.6-5.6 Å apart
+(benchmarks/RESULTS.md, long horizon), with energies of 10^4-10^5 kJ/mol.
 """
 from __future__ import annotations
 
@@ -69,6 +72,8 @@ __all__ = [
     "Backmapper",
     "atom_layout",
     "closest_pair",
+    "disulfide_bonds",
+    "MAX_DISULFIDE_NM",
     "rigid_transport",
     "separate_overlaps",
     "shield_bare_hydrogens",
@@ -96,6 +101,13 @@ _OVERLAP_NM = 0.05
 _SEPARATE_TO_NM = 0.1
 #: Closest two massive particles may come in a backmapped structure (nm): 0.3 Å.
 MIN_ATOM_DISTANCE_NM = 0.03
+#: A disulfide whose S-S distance exceeds this after backmapping is broken (bond 0.204 nm; amber's
+#: S-S force constant, 1.39e5 kJ/mol/nm², gives thermal fluctuations of 0.004 nm at 300 K, so this is
+#: over 6 sigma and ~45 kJ/mol of bond strain): the generated frames pulled the two cysteines
+#: apart further than the restrained minimisation can close.
+MAX_DISULFIDE_NM = 0.23
+#: Sulfur's mass (Da), to find S-S bonds in a System without its Topology.
+_SULFUR_DA = 32.06
 
 
 class BackmapError(RuntimeError):
@@ -103,7 +115,8 @@ class BackmapError(RuntimeError):
 
 
 class BackmapWarning(RuntimeWarning):
-    """A backmapped structure kept two atoms closer than 0.3 Å (a strained, unphysical frame)."""
+    """A backmapped structure kept two atoms closer than 0.3 Å or a disulfide stretched beyond 2.3 Å
+    (a strained, unphysical frame)."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,21 @@ def rigid_transport(positions_nm: np.ndarray, atom_residue: np.ndarray, old: Rig
     out = x.copy()
     out[moved] = np.einsum("nij,nj->ni", r_new[res], local) + t_new[res]
     return out
+
+
+def disulfide_bonds(system: openmm.System) -> np.ndarray:
+    """Particle pairs (D, 2) bonded by a HarmonicBondForce whose two atoms are both sulfur (by mass:
+    a System carries no elements; sulfur has no bonded hydrogen to take mass by repartitioning)."""
+    sulfur = {i for i in range(system.getNumParticles())
+              if abs(system.getParticleMass(i).value_in_unit(unit.dalton) - _SULFUR_DA) < 0.05}
+    pairs = []
+    for force in system.getForces():
+        if isinstance(force, openmm.HarmonicBondForce):
+            for k in range(force.getNumBonds()):
+                i, j = force.getBondParameters(k)[:2]
+                if i in sulfur and j in sulfur:
+                    pairs.append((min(i, j), max(i, j)))
+    return np.array(sorted(set(pairs)), dtype=np.int64).reshape(-1, 2)
 
 
 def closest_pair(positions_nm: np.ndarray, cutoff_nm: float) -> Optional[tuple[int, int, float]]:
@@ -462,8 +490,11 @@ class Backmapper:
         self._energy_context = None
         self._constraint_context = None
         self._targets = None  # (n_restrained, 3) nm, of the latest backmap
-        #: backmapped frames that kept two atoms closer than MIN_ATOM_DISTANCE_NM (warned once)
+        #: backmapped frames that kept two atoms closer than MIN_ATOM_DISTANCE_NM or a disulfide
+        #: stretched beyond MAX_DISULFIDE_NM (each kind warned about once)
         self.strained_frames = 0
+        self._disulfides = disulfide_bonds(system)
+        self._warned: set[str] = set()
 
     # -- private Contexts ----------------------------------------------------------------
     def _make_context(self, system: openmm.System) -> openmm.Context:
@@ -612,21 +643,34 @@ class Backmapper:
                 f"backmapping generated frame{label} gave non-finite positions; try "
                 "backmap='system' or a smaller time step."
             )
+        problems = {}
         overlap = closest_pair(out[self._massive], MIN_ATOM_DISTANCE_NM)
         if overlap is not None:
             i, j, dist = overlap
             i, j = np.flatnonzero(self._massive)[[i, j]]
+            problems["overlap"] = (
+                f"backmapped frame{label} has particles {i} and {j} only {dist * 10:.2g} Å apart: the "
+                "generated residue frames are too unphysical for the local minimisation to repair (its "
+                "energy is huge). The model is outside what it was trained on (protein size, Δt); check "
+                "Cα validity with `starmd evaluate`.")
+        if len(self._disulfides):
+            ss = np.linalg.norm(out[self._disulfides[:, 0]] - out[self._disulfides[:, 1]], axis=-1)
+            k = int(np.argmax(ss))
+            if ss[k] > MAX_DISULFIDE_NM:
+                i, j = self._disulfides[k]
+                problems["disulfide"] = (
+                    f"backmapped frame{label} has the disulfide between particles {i} and {j} stretched to "
+                    f"{ss[k] * 10:.2g} Å (bond 2.04 Å): the generated frames moved its two cysteines further "
+                    "apart than the bond allows, and its energy is huge. The model knows nothing of "
+                    "disulfides; frames like this are not physical.")
+        if problems:
             self.strained_frames += 1
-            if self.strained_frames == 1:
-                warnings.warn(
-                    f"backmapped frame{label} has particles {i} and {j} only {dist * 10:.2g} Å apart: the "
-                    "generated residue frames are too unphysical for the local minimisation to repair (its "
-                    "energy is huge). The model is outside what it was trained on (protein size, Δt); check "
-                    "Cα validity with `starmd evaluate`. Later frames like this are counted in "
-                    "strained_frames (of the Backmapper and the StarMDIntegrator), not warned about again.",
-                    BackmapWarning,
-                    stacklevel=2,
-                )
+            for kind, message in problems.items():
+                if kind not in self._warned:
+                    self._warned.add(kind)
+                    warnings.warn(message + " Later frames like this are counted in strained_frames (of the "
+                                  "Backmapper and the StarMDIntegrator), not warned about again.",
+                                  BackmapWarning, stacklevel=2)
         d = out[self._restrained.reshape(-1)] - self._targets
         rmsd = float(np.sqrt(np.mean(np.sum(d * d, axis=-1))))
         energy = None

@@ -304,8 +304,9 @@ class StarMDIntegrator(openmm.CustomIntegrator):
 
     @property
     def strained_frames(self) -> int:
-        """Backmapped frames that kept two atoms closer than 0.3 Å: the generated residue frames were
-        too unphysical to repair (a ``BackmapWarning`` was issued for the first)."""
+        """Backmapped frames that kept two atoms closer than 0.3 Å or a disulfide stretched beyond
+        2.3 Å: the generated residue frames were too unphysical to repair (a ``BackmapWarning`` was
+        issued for the first of each kind)."""
         return 0 if self._backmapper is None else self._backmapper.strained_frames
 
     @property

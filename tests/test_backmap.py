@@ -23,6 +23,7 @@ from openmm_starmd.backmap import (
     BackmapError,
     BackmapWarning,
     atom_layout,
+    disulfide_bonds,
     rigid_transport,
     separate_overlaps,
     shield_bare_hydrogens,
@@ -158,6 +159,31 @@ def test_crambin_random_residue_motion(crambin_pdb):
     assert len(ss) == 3
     for i, j in ss:
         assert 1.9 < 10 * np.linalg.norm(result.positions_nm[i] - result.positions_nm[j]) < 2.2
+
+
+def test_a_disulfide_pulled_apart_is_flagged_not_hidden(crambin_pdb):
+    """Crambin's three disulfides are found in the System alone; a frame that moves one cysteine
+    (with its neighbours) 1.5 nm away breaks a disulfide (3.3 Å): kept, counted, warned about once."""
+    crambin = Prepared(crambin_pdb, ("amber14-all.xml", "implicit/obc2.xml"))
+    ss = {tuple(sorted((a.index, b.index))) for a, b in crambin.topology.bonds() if a.name == "SG" and b.name == "SG"}
+    assert {tuple(p) for p in disulfide_bonds(crambin.system).tolist()} == ss and len(ss) == 3
+    bm = Backmapper(crambin.system, crambin.atom_residue, crambin.backbone_atoms, platform="CPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackmapWarning)  # the real structure is not flagged
+        bm.backmap(crambin.positions_nm, crambin.frames, crambin.frames, compute_energy=False)
+    assert bm.strained_frames == 0
+    cys = sorted({crambin.atom_residue[i] for i in next(iter(ss))})[0]  # residue index of one cysteine
+    trans = crambin.frames.trans.clone()
+    moved = slice(max(0, cys - 1), cys + 2)
+    trans[moved] = trans[moved] + torch.tensor([1.5, 0.0, 0.0], dtype=trans.dtype)
+    pulled = Rigid(crambin.frames.rots, trans)
+    with pytest.warns(BackmapWarning, match=r"disulfide .* stretched to"):
+        out = bm.backmap(crambin.positions_nm, crambin.frames, pulled, compute_energy=False)
+    assert np.isfinite(out.positions_nm).all() and bm.strained_frames == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackmapWarning)  # counted again, not warned again
+        bm.backmap(crambin.positions_nm, crambin.frames, pulled, compute_energy=False)
+    assert bm.strained_frames == 2
 
 
 def test_rigid_transport_lands_frames_exactly_and_keeps_residue_geometry(fragment, nmr_targets):
