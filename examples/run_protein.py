@@ -59,6 +59,8 @@ def main(argv=None) -> int:
           f"in {wall:.1f} s on {integrator.device}: {simulated_ns / wall * 86400:.3g} ns/day.")
     print(f"Wrote {out / 'prepared.pdb'}, {out / 'traj.dcd'} ({args.steps // args.report_every} all-atom frames), "
           f"{out / 'log.csv'}.")
+    if integrator.strained_frames:
+        print(f"{integrator.strained_frames} all-atom frame(s) strained beyond repair (see the BackmapWarning above).")
 
     from openmm_starmd import load_model
 

@@ -156,7 +156,7 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
         "frames": n_frames, "all_atom_frames": n_frames // every, "seed": seed, "device": integrator.device,
         "model": str(model) if model else "bundled default", "backmap": backmap,
         "sampling": integrator.sampling_config.to_dict(), "forcefield": list(forcefield),
-        "wall_s": wall, "ns_per_day": time_ns / wall * 86400,
+        "wall_s": wall, "ns_per_day": time_ns / wall * 86400, "strained_frames": integrator.strained_frames,
         "removed_by_preparation": getattr(prepared, "removed", {}),
     }
     return _finish_run(out, tmp, record)
@@ -218,7 +218,7 @@ def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: flo
         "frames": n_frames, "all_atom_frames": n_frames // every, "replicas": n_replicas, "seed": seed,
         "device": device, "model": str(model) if model else "bundled default", "backmap": backmap,
         "sampling": sampling.to_dict(), "forcefield": list(forcefield), "wall_s": wall,
-        "ns_per_day": n_replicas * time_ns / wall * 86400,
+        "ns_per_day": n_replicas * time_ns / wall * 86400, "strained_frames": gen.backmapper.strained_frames,
         "removed_by_preparation": getattr(prepared, "removed", {}),
     }
     return _finish_run(out, tmp, record)
@@ -239,6 +239,10 @@ def _cmd_run(args) -> int:
                            progress=not args.quiet)
     print(f"{args.out}: {args.replicas} x {rec['frames']} frames ({time_ns:g} ns each) in {rec['wall_s']:.1f} s, "
           f"{rec['ns_per_day']:.3g} ns/day in all on {rec['device']}")
+    if rec["strained_frames"]:
+        print(f"{args.out}: {rec['strained_frames']} of the all-atom frames are strained beyond repair (atoms "
+              "closer than 0.3 Å or a disulfide stretched beyond 2.3 Å; see the BackmapWarning): the model left "
+              "what it was trained on. Check Cα validity with `starmd evaluate`.")
     return 0
 
 
