@@ -22,6 +22,8 @@ frames. Per block of ``--block-ns``:
   score under the same criteria (the ceiling to read the model's numbers against);
 - **median potential energy** (kJ/mol) of the all-atom frames under the run's System (default
   amber14 + GBn2, as ``starmd run``), next to the reference MD's median under the same System;
+- **strained**: how many all-atom frames of the block the backmapper flagged as strained beyond
+  repair (two atoms closer than 0.3 Å, or a disulfide stretched beyond 2.3 Å);
 - the criterion **"no block below the first"** (within ``--tolerance``) for both validities.
 
 How frames are made: the script drives :class:`~openmm_starmd.sampling.AutoregressiveSampler`
@@ -294,6 +296,8 @@ class RunState:
     bm_frame : list of int, generated-frame number (1-based) of each all-atom frame
     bm_ca_valid, bm_aa_valid : list of bool
     bm_energy : list of float, kJ/mol (NaN if the backmap failed)
+    bm_strained : list of bool, the Backmapper flagged the frame as strained (atoms < 0.3 Å apart or
+        a disulfide stretched beyond 2.3 Å)
     bm_xyz : list of np.ndarray (n_atoms, 3) float32, nm
     aa_nm : np.ndarray (n_atoms, 3) float64, nm — the latest all-atom positions
     timing : dict of accumulated seconds
@@ -303,6 +307,7 @@ class RunState:
     def __init__(self, start_nm: np.ndarray):
         self.ca_valid, self.ca_nm = [], []
         self.bm_frame, self.bm_ca_valid, self.bm_aa_valid, self.bm_energy, self.bm_xyz = [], [], [], [], []
+        self.bm_strained = []
         self.bm_failures = []
         self.aa_nm = start_nm.copy()
         self.timing = {"sampling_s": 0.0, "backmap_s": 0.0, "scoring_s": 0.0}
@@ -327,6 +332,7 @@ class RunState:
             "bm_ca_valid": np.array(self.bm_ca_valid, dtype=bool),
             "bm_aa_valid": np.array(self.bm_aa_valid, dtype=bool),
             "bm_energy": np.array(self.bm_energy, dtype=np.float64),
+            "bm_strained": np.array(self.bm_strained, dtype=bool),
             "bm_xyz": np.array(self.bm_xyz, dtype=np.float32).reshape(-1, n_atoms, 3),
             "aa_nm": self.aa_nm,
         })
@@ -353,6 +359,9 @@ class RunState:
             state.bm_ca_valid = z["bm_ca_valid"].tolist()
             state.bm_aa_valid = z["bm_aa_valid"].tolist()
             state.bm_energy = z["bm_energy"].tolist()
+            # states written before the strained flag was recorded: unknown, counted as not strained
+            state.bm_strained = (z["bm_strained"].tolist() if "bm_strained" in z.files
+                                 else [False] * len(state.bm_frame))
             state.bm_xyz = list(z["bm_xyz"])
             sampler_state = dict(meta["sampler"])
             sampler_state.update({k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("sampler/")})
@@ -405,6 +414,7 @@ def generate(sampler: AutoregressiveSampler, setup: ProteinSetup, state: RunStat
 def backmap(setup: ProteinSetup, state: RunState, new: Rigid) -> None:
     """Backmap the latest generated frame from the previous all-atom frame; score it into ``state``."""
     t0 = time.perf_counter()
+    strained_before = setup.backmapper.strained_frames
     try:
         res = setup.backmapper.backmap(state.aa_nm, setup.frames_of(state.aa_nm), new, frame_index=state.frames,
                                        compute_energy=True)
@@ -415,6 +425,7 @@ def backmap(setup: ProteinSetup, state: RunState, new: Rigid) -> None:
         state.bm_ca_valid.append(False)
         state.bm_aa_valid.append(False)
         state.bm_energy.append(float("nan"))
+        state.bm_strained.append(False)
         state.bm_xyz.append(state.aa_nm.astype(np.float32))
         return
     state.timing["backmap_s"] += time.perf_counter() - t0
@@ -428,6 +439,7 @@ def backmap(setup: ProteinSetup, state: RunState, new: Rigid) -> None:
     state.bm_ca_valid.append(ca_ok)
     state.bm_aa_valid.append(aa_ok)
     state.bm_energy.append(float(res.potential_energy_kj))
+    state.bm_strained.append(setup.backmapper.strained_frames > strained_before)
     state.bm_xyz.append(res.positions_nm.astype(np.float32))
 
 
@@ -444,6 +456,7 @@ def block_table(state: RunState, args) -> list[dict]:
     bm_ca = np.array(state.bm_ca_valid, dtype=bool)
     bm_aa = np.array(state.bm_aa_valid, dtype=bool)
     e = np.array(state.bm_energy, dtype=np.float64)
+    strained = np.array(state.bm_strained, dtype=bool)
     rows = []
     for b in range(math.ceil(len(ca) / per)):
         lo, hi = b * per, min((b + 1) * per, len(ca))  # generated frames lo+1 .. hi
@@ -457,6 +470,7 @@ def block_table(state: RunState, args) -> list[dict]:
             "allatom_validity": _fraction(bm_aa[sel]),
             "combined_validity": _fraction(bm_ca[sel] & bm_aa[sel]),
             "median_energy_kj_mol": float(np.median(finite)) if len(finite) else None,
+            "strained_frames": int(strained[sel].sum()),
         })
     return rows
 
@@ -552,11 +566,13 @@ def markdown(name: str, rec: dict) -> str:
     """One protein's Markdown table and verdict lines."""
     head = (f"**{name}** ({rec['residues']} residues, {rec['atoms']} atoms; {rec['frames_done']}/{rec['frames_target']} "
             f"frames, {rec['status']}). All-atom thresholds: {describe_reference(rec['reference'])}.")
-    lines = [head, "", "| block (ns) | Cα validity | combined validity (n) | median energy (kJ/mol) |", "|---|---|---|---|"]
+    lines = [head, "", "| block (ns) | Cα validity | combined validity (n) | median energy (kJ/mol) | strained |",
+             "|---|---|---|---|---|"]
     for r in rec["blocks"]:
         mark = "" if r["complete"] else " (partial)"
         lines.append(f"| {r['start_ns']:g}–{r['end_ns']:g}{mark} | {_f(r['ca_validity'])} | "
-                     f"{_f(r['combined_validity'])} ({r['backmapped_frames']}) | {_f(r['median_energy_kj_mol'], '.4g')} |")
+                     f"{_f(r['combined_validity'])} ({r['backmapped_frames']}) | {_f(r['median_energy_kj_mol'], '.4g')} | "
+                     f"{r.get('strained_frames', '–')} |")
     c = rec["criterion"]
     lines += ["", f"No block below the first: Cα {_verdict(c['ca_validity'])}; "
                   f"combined {_verdict(c['combined_validity'])}."]
