@@ -77,7 +77,7 @@ from openmm_starmd.data import sha256_file  # noqa: E402
 from openmm_starmd.geometry.frames import frames_from_backbone  # noqa: E402
 from openmm_starmd.geometry.rigid import Rigid  # noqa: E402
 from openmm_starmd.prepare import prepare_protein  # noqa: E402
-from openmm_starmd.protein import extract_protein  # noqa: E402
+from openmm_starmd.protein import disulfide_bounds, extract_protein  # noqa: E402
 from openmm_starmd.sampling import AutoregressiveSampler  # noqa: E402
 
 TRAINING = ROOT / "training"
@@ -385,7 +385,8 @@ def make_sampler(loaded, setup: ProteinSetup, args) -> AutoregressiveSampler:
     return AutoregressiveSampler(loaded.model, loaded.diffuser, torch.as_tensor(p.aatype),
                                  torch.as_tensor(p.residue_index), torch.as_tensor(p.chain_index),
                                  torch.as_tensor(p.mask), dt_ns=args.dt_ns, config=config, seed=seed,
-                                 device=args.torch_device)
+                                 device=args.torch_device,
+                                 pair_bounds=disulfide_bounds(setup.topology, p.topology_residue_index))
 
 
 def generate(sampler: AutoregressiveSampler, setup: ProteinSetup, state: RunState, n: int) -> Rigid | None:

@@ -57,7 +57,7 @@ from openmm import app, unit
 from .backmap import BACKMAP_MODES, Backmapper, atom_layout
 from .geometry.frames import frames_from_backbone
 from .geometry.rigid import Rigid
-from .protein import extract_protein
+from .protein import disulfide_bounds, extract_protein
 
 __all__ = ["StarMDIntegrator", "StarMDError", "DT_RANGE_NS"]
 
@@ -180,6 +180,11 @@ class StarMDIntegrator(openmm.CustomIntegrator):
     backmap_options : dict, optional
         Extra keyword arguments for :class:`openmm_starmd.backmap.Backmapper` (``restrain``,
         ``restraint_k``, ``max_iterations``, ``tolerance``, ``deterministic``).
+    keep_disulfides : bool
+        Keep the Cα–Cα distance of every disulfide of the Topology (SG–SG bonds) within
+        :data:`openmm_starmd.protein.DISULFIDE_CA_RANGE_NM` in each generated frame (the model
+        knows nothing of disulfides and otherwise pulls them apart over long rollouts; see
+        :mod:`openmm_starmd.geometry.pair_bounds`). Default True.
 
     Notes
     -----
@@ -206,6 +211,7 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         temperature=300.0 * unit.kelvin,
         sampling=None,
         backmap_options: Optional[dict] = None,
+        keep_disulfides: bool = True,
     ):
         dt_ns = _to_ns(dt, "dt")
         lo, hi = DT_RANGE_NS
@@ -232,6 +238,8 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         self._velocity_rng = np.random.default_rng(self._seed)
         self._backmap_mode = backmap
         self._backmap_options = dict(backmap_options or {})
+        self._keep_disulfides = bool(keep_disulfides)
+        self._pair_bounds = None  # (pairs, d_min_nm, d_max_nm) of the disulfides, set when bound
         self._temperature = temperature
         self._context = None
         self._topology = None
@@ -426,6 +434,8 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         )
         self._protein = protein
         self._backbone_atoms = backbone_atoms
+        if self._keep_disulfides:
+            self._pair_bounds = disulfide_bounds(self._topology, protein.topology_residue_index)
 
     def _frames_of(self, positions_nm: np.ndarray) -> Rigid:
         x = torch.as_tensor(positions_nm, dtype=torch.float64)
@@ -451,6 +461,7 @@ class StarMDIntegrator(openmm.CustomIntegrator):
             n_replicas=1,
             seed=int(np.random.SeedSequence([self._seed, self._trajectories]).generate_state(1, np.uint64)[0] >> 1),
             device=self._device,
+            pair_bounds=self._pair_bounds,
         )
 
     def _start_trajectory(self, positions_nm: np.ndarray) -> None:

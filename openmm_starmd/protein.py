@@ -59,7 +59,14 @@ __all__ = [
     "read_structure",
     "extract_protein",
     "load_protein",
+    "disulfide_pairs",
+    "disulfide_bounds",
+    "DISULFIDE_CA_RANGE_NM",
 ]
+
+#: Cα–Cα distance range (nm) of disulfide-bonded cysteines: ~4.4-6.8 Å in crystal structures; the
+#: lower bound is loosened to 4.0 Å so only clearly impossible pairs are moved.
+DISULFIDE_CA_RANGE_NM = (0.40, 0.68)
 
 RESTYPES = "ARNDCQEGHILKMFPSTWYV"
 UNKNOWN_AATYPE = 20
@@ -486,3 +493,35 @@ def extract_protein(
         atom_indices=tuple(atom_indices),
         skipped=tuple(skipped),
     )
+
+
+def disulfide_pairs(topology, topology_residue_index) -> np.ndarray:
+    """Residue pairs joined by an SG–SG bond of the Topology, as indices into the protein's residues.
+
+    Parameters
+    ----------
+    topology : openmm.app.Topology
+        With bonds (PDBFile/PDBFixer/Modeller add disulfide bonds from CONECT/SSBOND or geometry).
+    topology_residue_index : array of int, shape (N,)
+        :attr:`ProteinInput.topology_residue_index`.
+
+    Returns
+    -------
+    np.ndarray of int64, shape (P, 2), each row (i, j) with i < j; pairs with a residue outside the
+    protein are left out.
+    """
+    where = {int(t): i for i, t in enumerate(np.asarray(topology_residue_index).tolist())}
+    pairs = set()
+    for a, b in topology.bonds():
+        if a.name == "SG" and b.name == "SG" and a.residue.index != b.residue.index:
+            i, j = where.get(a.residue.index), where.get(b.residue.index)
+            if i is not None and j is not None:
+                pairs.add((min(i, j), max(i, j)))
+    return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+
+
+def disulfide_bounds(topology, topology_residue_index):
+    """``AutoregressiveSampler(pair_bounds=...)`` for the Topology's disulfides: (pairs (P, 2),
+    d_min_nm, d_max_nm) with :data:`DISULFIDE_CA_RANGE_NM`, or None when there are none."""
+    pairs = disulfide_pairs(topology, topology_residue_index)
+    return (pairs, *DISULFIDE_CA_RANGE_NM) if len(pairs) else None

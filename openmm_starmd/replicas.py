@@ -19,7 +19,7 @@ from openmm import unit
 from .backmap import Backmapper, atom_layout
 from .geometry.frames import frames_from_backbone
 from .geometry.rigid import Rigid
-from .protein import extract_protein
+from .protein import disulfide_bounds, extract_protein
 
 __all__ = ["ReplicaGenerator"]
 
@@ -62,7 +62,7 @@ class ReplicaGenerator:
             model.model, model.diffuser, torch.as_tensor(protein.aatype), torch.as_tensor(protein.residue_index),
             torch.as_tensor(protein.chain_index), torch.as_tensor(protein.mask), dt_ns=dt_ns,
             config=sampling if sampling is not None else model.sampling_config, n_replicas=n_replicas,
-            seed=seed, device=device)
+            seed=seed, device=device, pair_bounds=disulfide_bounds(topology, protein.topology_residue_index))
         start = self._frames_of(positions_nm)
         self.sampler.add_history(Rigid(start.rots.to(self.sampler.dtype), start.trans.to(self.sampler.dtype)))
         self.n_replicas = n_replicas

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ._config import JsonConfig
+from .geometry.pair_bounds import check_pairs, clamp_pair_distances
 from .geometry.rigid import Rigid
 from .model.network import StarMDNetwork
 from .model.sequence import ResidueFeatures, apply_contextual_noise, ca_centroid, shift_frames
@@ -143,6 +144,11 @@ class AutoregressiveSampler:
     autocast : bool
         Run the network's linear layers under bf16 autocast (meant for CUDA); geometry stays in
         ``dtype``.
+    pair_bounds : (pairs, d_min_nm, d_max_nm), optional
+        Residue pairs (P, 2), disjoint, whose Cα–Cα distance every generated frame keeps within
+        [d_min, d_max] nm (scalars or (P,)), by moving the two residues rigidly along their Cα–Cα
+        line before the frame becomes history (:mod:`openmm_starmd.geometry.pair_bounds`; the
+        integrator passes the protein's disulfides, :data:`openmm_starmd.protein.DISULFIDE_CA_RANGE_NM`).
     """
 
     def __init__(
@@ -160,6 +166,7 @@ class AutoregressiveSampler:
         device="cpu",
         dtype=torch.float32,
         autocast: bool = False,
+        pair_bounds=None,
     ):
         if not float(dt_ns) > 0:
             raise ValueError(f"dt_ns={dt_ns} must be a positive frame spacing in ns, e.g. 0.1.")
@@ -180,6 +187,9 @@ class AutoregressiveSampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.seed)
         self.window = self.config.window or self.model.config.context_frames
+        self.pair_bounds = None
+        if pair_bounds is not None and len(pair_bounds[0]):
+            self.pair_bounds = check_pairs(pair_bounds[0], self.n_residues, pair_bounds[1], pair_bounds[2])
         self._use_context_noise = self.model.config.contextual_noise and self.config.context_tau_max > 0
         self._reset(start_frame=0, attention_origin=None)
 
@@ -324,6 +334,8 @@ class AutoregressiveSampler:
         rots, trans = [], []
         for i in tqdm(range(int(n_frames)), disable=not progress, desc="STAR-MD frames", unit="frame"):
             x0 = self._sample_frame(f"generated frame {i + 1} of {n_frames} (rollout frame {self.n_frames})")
+            if self.pair_bounds is not None:
+                x0 = clamp_pair_distances(x0, *self.pair_bounds)
             self._append(x0)
             rots.append(x0.rots)
             trans.append(x0.trans)

@@ -353,6 +353,30 @@ def test_backmapped_generated_frames_keep_peptide_bonds_and_ca(crambin_pdb):
         assert rmsd < 0.1, f"step {step}: Cα RMSD {rmsd:.3f} Å"
 
 
+def test_disulfides_of_the_topology_keep_their_ca_distance(crambin_pdb):
+    """Crambin's three disulfides are found in the Topology and every generated frame keeps their
+    Cα–Cα distance within DISULFIDE_CA_RANGE_NM (a random tiny model would pull them anywhere)."""
+    from openmm_starmd.protein import DISULFIDE_CA_RANGE_NM
+
+    crambin = Fragment(crambin_pdb)
+    integ = integrator(backmap="none", seed=1)
+    sim = crambin.simulation(integ)
+    pairs = None
+    lo, hi = DISULFIDE_CA_RANGE_NM
+    for _ in range(6):
+        sim.step(1)
+        if pairs is None:
+            pairs = integ._pair_bounds[0]
+            assert sorted(map(tuple, pairs.tolist())) == [(2, 39), (3, 31), (15, 25)]  # C3-C40, C4-C32, C16-C26
+        x = integ.generated_frames.trans
+        d = torch.linalg.vector_norm(x[pairs[:, 1]] - x[pairs[:, 0]], dim=-1)
+        assert bool(((d >= lo - 1e-5) & (d <= hi + 1e-5)).all()), d.tolist()
+    # and the switch turns it off
+    off = integrator(backmap="none", seed=1, keep_disulfides=False)
+    crambin.simulation(off).step(1)
+    assert off._pair_bounds is None
+
+
 def test_state_file_tree_round_trip():
     """save_state's pickle-free encoding of nested plain data restores every leaf exactly."""
     from openmm_starmd.integrator import _flatten, _unflatten

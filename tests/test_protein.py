@@ -250,3 +250,26 @@ def test_frames_from_protein_backbone(two_chain_pdb):
     torch.testing.assert_close(frames.trans, bb[:, 1])
     rmsd_A = idealize_backbone(bb.double(), torch.as_tensor(protein.mask)).rmsd * 10
     assert rmsd_A[0] < 0.13 and rmsd_A[2] < 0.05 and rmsd_A[3] < 0.1
+
+
+def test_disulfide_pairs_of_crambin(crambin_pdb):
+    """C3-C40, C4-C32, C16-C26 (0-based residue indices of the protein), from the Topology's SG-SG bonds."""
+    from openmm_starmd import prepare_protein
+    from openmm_starmd.protein import DISULFIDE_CA_RANGE_NM, disulfide_bounds, disulfide_pairs, extract_protein
+
+    prepared = prepare_protein(crambin_pdb)
+    protein = extract_protein(prepared.topology, prepared.positions)
+    pairs = disulfide_pairs(prepared.topology, protein.topology_residue_index)
+    assert pairs.tolist() == [[2, 39], [3, 31], [15, 25]]
+    assert [protein.residue_names[i] for i in pairs.reshape(-1)] == ["CYS"] * 6
+    bounds = disulfide_bounds(prepared.topology, protein.topology_residue_index)
+    assert bounds[1:] == DISULFIDE_CA_RANGE_NM
+    # the crystal structure's own Cα-Cα distances lie inside the range
+    import numpy as np
+    from openmm import unit
+
+    x = np.asarray(prepared.positions.value_in_unit(unit.nanometer))
+    ca = [next(a.index for a in r.atoms() if a.name == "CA") for r in prepared.topology.residues()]
+    top_ca = x[[ca[int(t)] for t in protein.topology_residue_index]]
+    d = np.linalg.norm(top_ca[pairs[:, 0]] - top_ca[pairs[:, 1]], axis=-1)
+    assert ((d >= DISULFIDE_CA_RANGE_NM[0]) & (d <= DISULFIDE_CA_RANGE_NM[1])).all(), d

@@ -30,11 +30,12 @@ def diffuser():
     return SE3Diffuser()
 
 
-def _sampler(md, diffuser, net=None, n_replicas=1, seed=0, mask=None, **config):
+def _sampler(md, diffuser, net=None, n_replicas=1, seed=0, mask=None, pair_bounds=None, **config):
     net = net if net is not None else random_network(ModelConfig(**TINY), dtype=torch.float64)
     cfg = SamplingConfig(**{"steps": STEPS, **config})
     return AutoregressiveSampler(net, diffuser, md["aatype"], md["residue_index"], md["chain_index"], mask,
-                                 md["dt_ns"], cfg, n_replicas=n_replicas, seed=seed, dtype=torch.float64)
+                                 md["dt_ns"], cfg, n_replicas=n_replicas, seed=seed, dtype=torch.float64,
+                                 pair_bounds=pair_bounds)
 
 
 def _frame(md, i, shift=0.0):
@@ -209,3 +210,22 @@ def test_default_grid_resolves_a_narrow_gaussian_with_an_exact_denoiser(diffuser
     ratio = x0.trans.std(0).mean().item() / s
     assert 0.75 < ratio < 1.25, ratio
     assert (x0.trans.mean(0) - mu).norm() < 0.02
+
+
+def test_pair_bounds_hold_in_every_generated_frame_and_in_the_history(md, diffuser):
+    """Bounds tighter than the real distances: every generated frame is projected before it becomes
+    history, the same seed without bounds gives a different rollout, and bad pairs are named."""
+    x = md["frames"].trans[0]
+    pairs = torch.tensor([[0, 10], [5, 20]])
+    d0 = torch.linalg.vector_norm(x[pairs[:, 1]] - x[pairs[:, 0]], dim=-1)
+    lo, hi = 0.9 * d0 - 0.05, 0.9 * d0  # the MD start sits just outside
+    s = _sampler(md, diffuser, n_replicas=2, seed=3, pair_bounds=(pairs, lo, hi))
+    s.add_history(_frame(md, 0))
+    out = s.generate(4)
+    d = torch.linalg.vector_norm(out.trans[..., pairs[:, 1], :] - out.trans[..., pairs[:, 0], :], dim=-1)
+    assert bool(((d >= lo - 1e-9) & (d <= hi + 1e-9)).all())
+    free = _sampler(md, diffuser, n_replicas=2, seed=3)
+    free.add_history(_frame(md, 0))
+    assert not torch.allclose(free.generate(4).trans, out.trans)
+    with pytest.raises(ValueError, match="disjoint"):
+        _sampler(md, diffuser, pair_bounds=([[0, 1], [1, 2]], 0.4, 0.6))
