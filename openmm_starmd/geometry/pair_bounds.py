@@ -42,7 +42,7 @@ def clamp_pair_distances(frames: Rigid, pairs: torch.Tensor, d_min_nm: torch.Ten
     Parameters
     ----------
     frames : Rigid, batch shape (..., N), nm
-    pairs : torch.Tensor, shape (P,, 2), long, disjoint (see :func:`check_pairs`)
+    pairs : torch.Tensor, shape (P, 2), long, disjoint (see :func:`check_pairs`)
     d_min_nm, d_max_nm : torch.Tensor, shape (P,), nm
 
     Returns
