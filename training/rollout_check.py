@@ -125,7 +125,6 @@ def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, se
                                     config=config, seed=seed)
     sampler.add_history(frames)
     out = sampler.generate(n_frames)
-    t_min = config.t_min
     ca = out.trans.reshape(-1, shard.n_residues, 3).detach().cpu().numpy().astype(np.float64)
     ref_ca = shard.coords_nm[:, :, 1].astype(np.float64)
     last_hist = ref_ca[idx[-1]]
@@ -133,7 +132,7 @@ def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, se
     end = idx[-1] + n_frames * stride
     row = {
         "protein": shard.name, "residues": shard.n_residues, "dt_ns": stride * shard.frame_spacing_ns,
-        "t_min": t_min, "frames": n_frames, "ca_validity": float(geo["valid"].mean()), "ca_ca_A": geo["ca_ca_A"],
+        "t_min": config.t_min, "frames": n_frames, "ca_validity": float(geo["valid"].mean()), "ca_ca_A": geo["ca_ca_A"],
         "drift_A": _rmsd_nm(ca[-1], last_hist) * 10,
         "ref_drift_A": _rmsd_nm(ref_ca[end], last_hist) * 10 if end < shard.n_frames else None,
         "rmsf_r": rmsf_correlation(ref_ca, ca) if n_frames >= 3 else None,

@@ -718,8 +718,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "data": {**self.batches.state_dict(), "shards": json.dumps(self.data_fingerprint)},
-                "coverage": json.dumps({"train_proteins": self.train_proteins, "trained_dt_ns": self.trained_dt_ns,
-                                        "train_data": self.train_data}),
+                "coverage": json.dumps(self.coverage()),
                 "rng": [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in rng],
             }
             _atomic_torch_save(payload, path)
@@ -727,6 +726,11 @@ class Trainer:
             dist.barrier()
         self.last_checkpoint_step = self.step
         return path
+
+    def coverage(self) -> dict:
+        """What the model was trained on, stored in checkpoints (``coverage``) and exported models'
+        metadata alike: training proteins, the Δt range (ns) their windows covered, every trajectory."""
+        return {"train_proteins": self.train_proteins, "trained_dt_ns": self.trained_dt_ns, "train_data": self.train_data}
 
     def export(self, path) -> Path:
         """Save the EMA weights as a model file for :func:`openmm_starmd.checkpoints.load_model` (rank 0)."""
@@ -738,8 +742,8 @@ class Trainer:
         d = self.diffusion_config
         metadata = {
             "weights": "ema", "ema_decay": self.cfg.ema_decay, "steps": self.step, "total_steps": self.cfg.steps,
-            "train_proteins": self.train_proteins, "val_loss": self.val_history[-1][1] if self.val_history else None,
-            "trained_dt_ns": self.trained_dt_ns, "train_data": self.train_data, "train_config": self.cfg.to_dict(),
+            "val_loss": self.val_history[-1][1] if self.val_history else None, **self.coverage(),
+            "train_config": self.cfg.to_dict(),
         }
         shadow = copy.deepcopy(self.ema.shadow).cpu()
         return save_model(path, shadow, d, SamplingConfig(t_min=d.t_min, context_tau_max=d.context_tau_max), metadata)
