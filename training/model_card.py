@@ -68,7 +68,7 @@ def facts(model_path: str | None, manifest_path: str = DEFAULT_MANIFEST) -> list
     anchor = f"x0 anchor `{mc.x0_anchor}`"
     if mc.x0_anchor == "posterior":
         anchor += f" (history mean of {mc.anchor_frames} frames"
-        if getattr(mc, "anchor_prior_dt_exponent", 0.0):
+        if mc.anchor_prior_dt_exponent:
             anchor += f", prior widths × (Δt / {mc.anchor_prior_dt_ref_ns:g} ns)^{mc.anchor_prior_dt_exponent:g}"
         anchor += ")"
     layers = f"{mc.frame_layers} per-frame + {mc.joint_layers} {mc.attention} layers" if mc.frame_layers else f"{mc.joint_layers} {mc.attention} layer(s)"
@@ -93,7 +93,7 @@ def facts(model_path: str | None, manifest_path: str = DEFAULT_MANIFEST) -> list
         extra = set()
         for t in data:
             p = per.setdefault(t["protein"], {"ns": 0.0, "replicas": 0, "residues": None})
-            p["ns"] += t["total_ns"]
+            p["ns"] += t["total_ns"] or 0.0  # None: an older model whose shard has changed since
             p["replicas"] += 1
             e = by_sha.get(t["sha256"])
             if e is not None:
@@ -103,10 +103,13 @@ def facts(model_path: str | None, manifest_path: str = DEFAULT_MANIFEST) -> list
         total = sum(p["ns"] for p in per.values())
         prot = "; ".join(f"{n} ({p['residues'] or '?'} res, {p['ns']:.3g} ns" +
                          (f", {p['replicas']} replicas)" if p["replicas"] > 1 else ")") for n, p in per.items())
-        spacing = sorted({t["spacing_ns"] for t in data})
+        spacing = sorted({t["spacing_ns"] for t in data if t["spacing_ns"] is not None})
+        unknown = sum(t["total_ns"] is None for t in data)
         ff = "; ".join(f"{f}, {t:g} K" for f, t in sorted(extra, key=str)) or "force field not in this manifest"
         rows.append(("data", f"{len(per)} training proteins, {total:.3g} ns in all, frames every "
-                             f"{', '.join(f'{s * 1000:g}' for s in spacing)} ps ({ff}): {prot}"))
+                             f"{', '.join(f'{s * 1000:g}' for s in spacing)} ps ({ff}): {prot}" +
+                             (f" ({unknown} trajectories no longer in the manifest: their ns are not counted)"
+                              if unknown else "")))
     else:
         rows.append(("data", f"training proteins {', '.join(meta.get('train_proteins', []))} (this model file "
                              "predates the per-trajectory record)"))

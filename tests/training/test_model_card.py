@@ -38,3 +38,20 @@ def test_train_command_lists_only_changed_options():
     cmd = model_card.train_command({"steps": 8000, "lr": 1e-4, "contextual_noise": False,
                                     "model": {"width": 64, "blocks": 4}, "loss": {}, "resume": "auto"})
     assert cmd == "python training/train.py --steps 8000 --no-contextual-noise --model width=64 blocks=4"
+
+
+def test_facts_of_a_model_whose_training_shards_changed_since(manifest, tmp_path):  # noqa: F811
+    """A backfilled record (training/export.py) has no ns for shards no longer in the manifest: the
+    table still comes out and says so instead of failing."""
+    import torch
+
+    export = load_training_module("export")
+    cfg = tiny_config(manifest, tmp_path / "run", steps=1)
+    trainer = train.train(cfg, log=lambda *a, **k: None)
+    payload = torch.load(trainer.out / "checkpoint.pt", weights_only=True)
+    payload["coverage"] = json.dumps({k: v for k, v in json.loads(payload["coverage"]).items() if k != "train_data"})
+    payload["data"]["shards"] = json.dumps([[p, r, "0" * 64] for p, r, _ in json.loads(payload["data"]["shards"])])
+    torch.save(payload, tmp_path / "old.pt")
+    model = export.export(tmp_path / "old.pt", tmp_path / "old_model.pt")
+    rows = dict(model_card.facts(str(model), str(manifest)))
+    assert "trajectories no longer in the manifest" in rows["data"]
