@@ -6,7 +6,7 @@ after a short warm-up; then STAR-MD through StarMDIntegrator in a plain Simulati
 and its default steps, dt = 1 ns, DCD + StateDataReporter every 10 frames so all-atom backmapping
 happens every 10 ns), timed over ``--frames`` frames. Prints ns/day and STAR-MD / MD ratios.
 
-    python benchmarks/speed_vs_md.py                    # 34, 56 and 167 residues
+    python benchmarks/speed_vs_md.py                    # 20, 34, 56 and 167 residues
     python benchmarks/speed_vs_md.py --proteins 2M9I --md-steps 200 --frames 20
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def starmd_ns_per_day(prepared, frames: int, every: int) -> tuple[float, str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--proteins", nargs="+", default=["2M9I", "1EM7_L7A", "3gfsA"])
+    p.add_argument("--proteins", nargs="+", default=["trpcage_2JOF", "2M9I", "1EM7_L7A", "3gfsA"])
     p.add_argument("--md-steps", type=int, default=500, help="timed MD steps (4 fs) per force field")
     p.add_argument("--frames", type=int, default=40, help="timed STAR-MD frames (1 ns each)")
     p.add_argument("--report-every", type=int, default=10, help="all-atom frame every N STAR-MD frames")

