@@ -109,7 +109,7 @@ def _finish_run(out: Path, tmp: Path, record: dict) -> dict:
 
 def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *, model=None, device="auto",
             seed=None, steps=None, backmap="vacuum", forcefield=("amber14-all.xml", "implicit/gbn2.xml"),
-            progress=True) -> dict:
+            progress=True, ca_geometry=True) -> dict:
     """Generate one trajectory; returns the run record (also written to out_dir/run.json)."""
     from openmm import app, unit
     from tqdm.auto import tqdm
@@ -119,7 +119,7 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
     n_frames, every, out, tmp, prepared, system, seed, ca_top = _start_run(
         pdb_path, out_dir, time_ns, dt_ns, report_ns, forcefield, seed)
     integrator = StarMDIntegrator(dt=dt_ns * unit.nanoseconds, model=model, device=device, seed=seed,
-                                  diffusion_steps=steps, backmap=backmap)
+                                  diffusion_steps=steps, backmap=backmap, keep_ca_geometry=ca_geometry)
     sim = app.Simulation(prepared.topology, system, integrator)
     sim.context.setPositions(prepared.positions)
 
@@ -154,7 +154,7 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
     record = {
         "input": str(pdb_path), "time_ns": time_ns, "dt_ns": dt_ns, "report_every_ns": report_ns,
         "frames": n_frames, "all_atom_frames": n_frames // every, "seed": seed, "device": integrator.device,
-        "model": str(model) if model else "bundled default", "backmap": backmap,
+        "model": str(model) if model else "bundled default", "backmap": backmap, "ca_geometry": bool(ca_geometry),
         "sampling": integrator.sampling_config.to_dict(), "forcefield": list(forcefield),
         "wall_s": wall, "ns_per_day": time_ns / wall * 86400, "strained_frames": integrator.strained_frames,
         "removed_by_preparation": getattr(prepared, "removed", {}),
@@ -164,7 +164,7 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
 
 def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, n_replicas: int, *,
                  model=None, device="auto", seed=None, steps=None, backmap="vacuum",
-                 forcefield=("amber14-all.xml", "implicit/gbn2.xml"), progress=True) -> dict:
+                 forcefield=("amber14-all.xml", "implicit/gbn2.xml"), progress=True, ca_geometry=True) -> dict:
     """K trajectories batched through the model (replicas.py): out_dir/prepared.pdb, ca.pdb, run.json
     and replica_k/{traj.dcd, traj_ca.dcd} for k < K. Returns the run record."""
     import dataclasses
@@ -185,7 +185,7 @@ def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: flo
     loaded = load_model(model, device=device)
     sampling = loaded.sampling_config if steps is None else dataclasses.replace(loaded.sampling_config, steps=steps)
     gen = ReplicaGenerator(prepared.topology, prepared.positions, system, loaded, dt_ns, n_replicas, seed,
-                           device=device, sampling=sampling, backmap=backmap)
+                           device=device, sampling=sampling, backmap=backmap, ca_geometry=ca_geometry)
     handles, all_atom, ca_dcds = [], [], []
     for k in range(n_replicas):
         (tmp / f"replica_{k}").mkdir()
@@ -217,7 +217,7 @@ def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: flo
         "input": str(pdb_path), "time_ns": time_ns, "dt_ns": dt_ns, "report_every_ns": report_ns,
         "frames": n_frames, "all_atom_frames": n_frames // every, "replicas": n_replicas, "seed": seed,
         "device": device, "model": str(model) if model else "bundled default", "backmap": backmap,
-        "sampling": sampling.to_dict(), "forcefield": list(forcefield), "wall_s": wall,
+        "ca_geometry": bool(ca_geometry), "sampling": sampling.to_dict(), "forcefield": list(forcefield), "wall_s": wall,
         "ns_per_day": n_replicas * time_ns / wall * 86400, "strained_frames": gen.backmapper.strained_frames,
         "removed_by_preparation": getattr(prepared, "removed", {}),
     }
@@ -232,11 +232,12 @@ def _cmd_run(args) -> int:
         raise ValueError(f"--replicas {args.replicas} must be at least 1.")
     if args.replicas == 1:
         rec = run_one(args.input, args.out, time_ns, dt_ns, report_ns, model=args.model, device=args.device,
-                      seed=args.seed, steps=args.steps, backmap=args.backmap, progress=not args.quiet)
+                      seed=args.seed, steps=args.steps, backmap=args.backmap, progress=not args.quiet,
+                      ca_geometry=args.ca_geometry)
     else:
         rec = run_replicas(args.input, args.out, time_ns, dt_ns, report_ns, args.replicas, model=args.model,
                            device=args.device, seed=args.seed, steps=args.steps, backmap=args.backmap,
-                           progress=not args.quiet)
+                           progress=not args.quiet, ca_geometry=args.ca_geometry)
     print(f"{args.out}: {args.replicas} x {rec['frames']} frames ({time_ns:g} ns each) in {rec['wall_s']:.1f} s, "
           f"{rec['ns_per_day']:.3g} ns/day in all on {rec['device']}")
     if rec["strained_frames"]:
@@ -273,7 +274,7 @@ def _cmd_run_many(args) -> int:
                       parse_time_ns(row.get("dt") or args.dt, "dt"),
                       parse_time_ns(row.get("report_every") or args.report_every, "report_every"),
                       model=args.model, device=device, seed=seed, steps=args.steps, backmap=args.backmap,
-                      progress=not args.quiet and rank == 0)
+                      progress=not args.quiet and rank == 0, ca_geometry=args.ca_geometry)
         print(f"[rank {rank}] {name}: {rec['frames']} frames, {rec['ns_per_day']:.3g} ns/day")
     return 0
 
@@ -289,6 +290,9 @@ def _add_generation_options(p, *, time_default="1us") -> None:
     p.add_argument("--backmap", default="vacuum", choices=["vacuum", "system", "none"],
                    help="all-atom reconstruction: restrained minimisation without implicit solvent (fast, "
                         "default), under the full System, or rigid transport only")
+    p.add_argument("--no-ca-geometry", dest="ca_geometry", action="store_false",
+                   help="keep the network's Cα traces as drawn; by default each frame's chain links (3.6-4.1 Å) and "
+                        "Cα contacts (>= 3.5 Å) are held where MD keeps them, like SHAKE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 

@@ -185,6 +185,14 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         :data:`openmm_starmd.protein.DISULFIDE_CA_RANGE_NM` in each generated frame (the model
         knows nothing of disulfides and otherwise pulls them apart over long rollouts; see
         :mod:`openmm_starmd.geometry.pair_bounds`). Default True.
+    keep_ca_geometry : bool
+        Hold each generated frame's Cα trace where MD keeps it, like SHAKE on virtual bonds:
+        consecutive Cα 3.6–4.1 Å, other Cα pairs at least 3.5 Å apart (gaps and cis peptides of the
+        starting structure respected), by moving residues rigidly before the frame becomes history
+        and is backmapped (:mod:`openmm_starmd.geometry.ca_constraints`). The network alone
+        scatters consecutive Cα over 3.3–4.4 Å and its chain breaks and clashes accumulate over a
+        rollout; False gives the network's frames unchanged (what the paper evaluates).
+        Default True.
 
     Notes
     -----
@@ -212,6 +220,7 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         sampling=None,
         backmap_options: Optional[dict] = None,
         keep_disulfides: bool = True,
+        keep_ca_geometry: bool = True,
     ):
         dt_ns = _to_ns(dt, "dt")
         lo, hi = DT_RANGE_NS
@@ -240,6 +249,7 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         self._backmap_options = dict(backmap_options or {})
         self._keep_disulfides = bool(keep_disulfides)
         self._pair_bounds = None  # (pairs, d_min_nm, d_max_nm) of the disulfides, set when bound
+        self._keep_ca_geometry = bool(keep_ca_geometry)
         self._temperature = temperature
         self._context = None
         self._topology = None
@@ -462,6 +472,7 @@ class StarMDIntegrator(openmm.CustomIntegrator):
             seed=int(np.random.SeedSequence([self._seed, self._trajectories]).generate_state(1, np.uint64)[0] >> 1),
             device=self._device,
             pair_bounds=self._pair_bounds,
+            ca_geometry=self._keep_ca_geometry,
         )
 
     def _start_trajectory(self, positions_nm: np.ndarray) -> None:

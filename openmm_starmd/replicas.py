@@ -45,10 +45,12 @@ class ReplicaGenerator:
     sampling : SamplingConfig, optional (default: the model's own)
     backmap : str
         "vacuum", "system" or "none" (see backmap.py).
+    ca_geometry : bool
+        Hold the generated Cα traces where MD keeps them (as ``StarMDIntegrator(keep_ca_geometry=True)``).
     """
 
     def __init__(self, topology, positions, system, model, dt_ns: float, n_replicas: int, seed: int,
-                 device: str = "cpu", sampling=None, backmap: str = "vacuum"):
+                 device: str = "cpu", sampling=None, backmap: str = "vacuum", ca_geometry: bool = True):
         from .sampling import AutoregressiveSampler
 
         if n_replicas < 1:
@@ -62,7 +64,8 @@ class ReplicaGenerator:
             model.model, model.diffuser, torch.as_tensor(protein.aatype), torch.as_tensor(protein.residue_index),
             torch.as_tensor(protein.chain_index), torch.as_tensor(protein.mask), dt_ns=dt_ns,
             config=sampling if sampling is not None else model.sampling_config, n_replicas=n_replicas,
-            seed=seed, device=device, pair_bounds=disulfide_bounds(topology, protein.topology_residue_index))
+            seed=seed, device=device, pair_bounds=disulfide_bounds(topology, protein.topology_residue_index),
+            ca_geometry=ca_geometry)
         start = self._frames_of(positions_nm)
         self.sampler.add_history(Rigid(start.rots.to(self.sampler.dtype), start.trans.to(self.sampler.dtype)))
         self.n_replicas = n_replicas

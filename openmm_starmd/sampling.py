@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ._config import JsonConfig
+from .geometry.ca_constraints import build_ca_constraints, project_ca
 from .geometry.pair_bounds import check_pairs, clamp_pair_distances
 from .geometry.rigid import Rigid
 from .model.network import StarMDNetwork
@@ -149,6 +150,11 @@ class AutoregressiveSampler:
         [d_min, d_max] nm (scalars or (P,)), by moving the two residues rigidly along their Cα–Cα
         line before the frame becomes history (:mod:`openmm_starmd.geometry.pair_bounds`; the
         integrator passes the protein's disulfides, :data:`openmm_starmd.protein.DISULFIDE_CA_RANGE_NM`).
+    ca_geometry : bool
+        Project every generated frame's Cα trace into the bounds MD keeps (chain links 3.6–4.1 Å,
+        non-neighbours >= 3.5 Å, and the ``pair_bounds``), by moving residues rigidly, before it
+        becomes history (:mod:`openmm_starmd.geometry.ca_constraints`; gaps and cis peptides are
+        read from the first history frame). Default False: the model's own frames.
     """
 
     def __init__(
@@ -167,6 +173,7 @@ class AutoregressiveSampler:
         dtype=torch.float32,
         autocast: bool = False,
         pair_bounds=None,
+        ca_geometry: bool = False,
     ):
         if not float(dt_ns) > 0:
             raise ValueError(f"dt_ns={dt_ns} must be a positive frame spacing in ns, e.g. 0.1.")
@@ -190,6 +197,12 @@ class AutoregressiveSampler:
         self.pair_bounds = None
         if pair_bounds is not None and len(pair_bounds[0]):
             self.pair_bounds = check_pairs(pair_bounds[0], self.n_residues, pair_bounds[1], pair_bounds[2])
+        self.ca_geometry = bool(ca_geometry)
+        self._ca_constraints = None  # built from the first history frame
+        self._ca_reference = None  # (N, 3) Cα of that frame, nm
+        #: Statistics of the Cα projection (``ca_geometry``): frames it moved, and the largest
+        #: violation it found and the largest move it made, nm.
+        self.ca_projection = {"frames": 0, "moved": 0, "max_violation_nm": 0.0, "max_move_nm": 0.0}
         self._use_context_noise = self.model.config.contextual_noise and self.config.context_tau_max > 0
         self._reset(start_frame=0, attention_origin=None)
 
@@ -267,7 +280,35 @@ class AutoregressiveSampler:
         frames = self._as_batch(frames, "history frames")
         if not bool((self._finite(frames) | ~self.residues.mask).all()):
             raise ValueError("history frames contain NaN or Inf at valid residues; pass finite frames in nm.")
-        self._append(self._placeholders(frames))
+        frames = self._placeholders(frames)
+        if self.ca_geometry and self._ca_constraints is None:
+            self._set_ca_reference(frames.trans[0])
+        self._append(frames)
+
+    def _set_ca_reference(self, ca_nm: torch.Tensor) -> None:
+        self._ca_reference = ca_nm.detach().to(torch.float64).cpu()
+        extra = (None, None, None) if self.pair_bounds is None else self.pair_bounds
+        r = self.residues
+        c = build_ca_constraints(r.residue_index[0].cpu(), r.chain_index[0].cpu(), r.mask[0].cpu(), self._ca_reference,
+                                 *extra)
+        for name in ("pairs", "lo", "hi", "min_nonbonded"):
+            setattr(c, name, getattr(c, name).to(self.device))
+        self._ca_constraints = c
+
+    def _constrain(self, x0: Rigid) -> Rigid:
+        """The Cα projection (``ca_geometry``; it holds the disulfides too), then the exact disulfide
+        clamp, so the disulfide bounds hold even where the projection stopped short of convergence."""
+        if self._ca_constraints is None:
+            return x0 if self.pair_bounds is None else clamp_pair_distances(x0, *self.pair_bounds)
+        trans, info = project_ca(x0.trans, self._ca_constraints)
+        if self.pair_bounds is not None:
+            trans = clamp_pair_distances(Rigid(x0.rots, trans), *self.pair_bounds).trans
+        stats = self.ca_projection
+        stats["frames"] += 1
+        stats["moved"] += int(info["max_move_nm"] > 0)
+        stats["max_violation_nm"] = max(stats["max_violation_nm"], info["violation_before_nm"])
+        stats["max_move_nm"] = max(stats["max_move_nm"], info["max_move_nm"])
+        return Rigid(x0.rots, trans)
 
     @staticmethod
     def _finite(frames: Rigid) -> torch.Tensor:
@@ -307,7 +348,7 @@ class AutoregressiveSampler:
             )
         raise AssertionError("unreachable")
 
-    def generate(self, n_frames: int, progress: bool = False) -> Rigid:
+    def generate(self, n_frames: int, progress: bool = False, return_raw: bool = False):
         """Generate frames; each one is also appended as history.
 
         Parameters
@@ -315,12 +356,15 @@ class AutoregressiveSampler:
         n_frames : int
         progress : bool
             Show a tqdm progress bar.
+        return_raw : bool
+            Also return the network's frames as drawn, before the disulfide bounds and the Cα
+            projection (identical to the frames when neither is on).
 
         Returns
         -------
         Rigid, batch shape (B, n_frames, N), nm
             Missing residues (mask False) get placeholder frames: identity rotation at the Cα
-            centroid.
+            centroid. With ``return_raw``, a pair (frames, raw frames).
 
         Raises
         ------
@@ -331,19 +375,22 @@ class AutoregressiveSampler:
             raise RuntimeError("the sampler has no history; call add_history(frames) with at least one starting frame first.")
         from tqdm.auto import tqdm
 
-        rots, trans = [], []
+        kept, raw = [], []
         for i in tqdm(range(int(n_frames)), disable=not progress, desc="STAR-MD frames", unit="frame"):
             x0 = self._sample_frame(f"generated frame {i + 1} of {n_frames} (rollout frame {self.n_frames})")
-            if self.pair_bounds is not None:
-                x0 = clamp_pair_distances(x0, *self.pair_bounds)
+            raw.append(x0)
+            x0 = self._constrain(x0)
             self._append(x0)
-            rots.append(x0.rots)
-            trans.append(x0.trans)
-        if not rots:
-            B, N = self.n_replicas, self.n_residues
-            return Rigid(torch.empty(B, 0, N, 3, 3, dtype=self.dtype, device=self.device),
-                         torch.empty(B, 0, N, 3, dtype=self.dtype, device=self.device))
-        return Rigid(torch.stack(rots, 1), torch.stack(trans, 1))
+            kept.append(x0)
+
+        def stacked(frames):
+            if not frames:
+                B, N = self.n_replicas, self.n_residues
+                return Rigid(torch.empty(B, 0, N, 3, 3, dtype=self.dtype, device=self.device),
+                             torch.empty(B, 0, N, 3, dtype=self.dtype, device=self.device))
+            return Rigid(torch.stack([f.rots for f in frames], 1), torch.stack([f.trans for f in frames], 1))
+
+        return (stacked(kept), stacked(raw)) if return_raw else stacked(kept)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
@@ -373,6 +420,7 @@ class AutoregressiveSampler:
             "dt_ns": self.dt_ns,
             "dtype": str(self.dtype).replace("torch.", ""),
             "sampling_config": self.config.to_dict(),
+            "ca_reference": None if self._ca_reference is None else self._ca_reference.numpy().copy(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -411,5 +459,10 @@ class AutoregressiveSampler:
             raise ValueError(f"sampler state is inconsistent: rebuilt {self.n_frames} frames, expected {state['n_frames']}.")
         origin = state["diffusion_origin"]
         self._origin = None if origin is None else tensor(origin)
+        if self.ca_geometry:
+            if state.get("ca_reference") is None:
+                raise ValueError("this sampler has ca_geometry=True but the saved one had not (no Cα reference in the "
+                                 "state); build the sampler as the saved one was built.")
+            self._set_ca_reference(torch.as_tensor(np.asarray(state["ca_reference"])))
         self.seed = int(state["seed"])
         self.generator.set_state(torch.as_tensor(np.asarray(state["rng_state"], dtype=np.uint8)))

@@ -118,10 +118,11 @@ def test_replicas_are_batched_independent_trajectories(small_model, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "ens"
     rc = main(["run", str(WW_DOMAIN), "--time", "4ns", "--dt", "1ns", "--report-every", "2ns", "-o", str(out),
-               "--model", str(small_model), "--seed", "5", "--replicas", "3", "--backmap", "none", "-q"])
+               "--model", str(small_model), "--seed", "5", "--replicas", "3", "--backmap", "none", "-q",
+               "--no-ca-geometry"])
     assert rc == 0 and not (out / ".partial").exists()
     record = json.loads((out / "run.json").read_text())
-    assert record["replicas"] == 3 and record["frames"] == 4
+    assert record["replicas"] == 3 and record["frames"] == 4 and record["ca_geometry"] is False
     assert record["strained_frames"] == 0  # recorded for replica runs too (none strained with this seed)
     cas = []
     for k in range(3):

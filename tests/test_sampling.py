@@ -229,3 +229,38 @@ def test_pair_bounds_hold_in_every_generated_frame_and_in_the_history(md, diffus
     assert not torch.allclose(free.generate(4).trans, out.trans)
     with pytest.raises(ValueError, match="disjoint"):
         _sampler(md, diffuser, pair_bounds=([[0, 1], [1, 2]], 0.4, 0.6))
+
+
+def test_ca_geometry_holds_the_chain_and_resumes_exactly(md, diffuser):
+    """ca_geometry: every generated frame (and so the history) is inside the Cα bounds while the
+    network's own frames (return_raw) are not; off, the two are the same; resume stays exact."""
+    from openmm_starmd.geometry.ca_constraints import CHAIN_CA_RANGE_NM, MIN_NONBONDED_CA_NM
+
+    net = random_network(ModelConfig(**TINY), dtype=torch.float64)
+    s = AutoregressiveSampler(net, diffuser, md["aatype"], md["residue_index"], md["chain_index"], None, md["dt_ns"],
+                              SamplingConfig(steps=STEPS), n_replicas=2, seed=4, dtype=torch.float64, ca_geometry=True)
+    s.add_history(_frame(md, 0))
+    kept, raw = s.generate(3, return_raw=True)
+    link = torch.linalg.vector_norm(kept.trans[..., 1:, :] - kept.trans[..., :-1, :], dim=-1)
+    tol = 1e-4
+    assert bool((link >= CHAIN_CA_RANGE_NM[0] - tol).all() and (link <= CHAIN_CA_RANGE_NM[1] + tol).all())
+    R = torch.cdist(kept.trans, kept.trans)
+    far = (torch.arange(R.shape[-1])[:, None] - torch.arange(R.shape[-1])[None]).abs() >= 2
+    assert bool((R[..., far] >= MIN_NONBONDED_CA_NM - tol).all())
+    raw_link = torch.linalg.vector_norm(raw.trans[..., 1:, :] - raw.trans[..., :-1, :], dim=-1)
+    assert float(raw_link.max()) > CHAIN_CA_RANGE_NM[1] + 0.01  # an untrained network breaks the chain
+    assert torch.equal(kept.rots, raw.rots) and s.ca_projection["moved"] == s.ca_projection["frames"] == 3
+    state = s.state_dict()
+    uninterrupted = s.generate(2)
+    b = AutoregressiveSampler(net, diffuser, md["aatype"], md["residue_index"], md["chain_index"], None, md["dt_ns"],
+                              SamplingConfig(steps=STEPS), n_replicas=2, seed=0, dtype=torch.float64, ca_geometry=True)
+    b.load_state_dict(state)
+    assert torch.equal(b.generate(2).trans, uninterrupted.trans)
+    off = _sampler(md, diffuser, net=net, n_replicas=2, seed=4)
+    off.add_history(_frame(md, 0))
+    a, r = off.generate(2, return_raw=True)
+    assert torch.equal(a.trans, r.trans) and not torch.allclose(a.trans, kept.trans[:, :2])
+    with pytest.raises(ValueError, match="ca_geometry"):
+        b2 = _sampler(md, diffuser, net=net, n_replicas=2)
+        b2.ca_geometry = True
+        b2.load_state_dict(off.state_dict())
