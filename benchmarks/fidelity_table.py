@@ -232,10 +232,11 @@ def write_start(target: Target, path: Path) -> Path:
 
 
 def generate(start_pdb: Path, out: Path, model_path: str, dt_ns: float, n_frames: int, seed: int,
-             device: str, steps: int | None, regenerate: bool) -> tuple[dict, bool]:
+             device: str, steps: int | None, regenerate: bool, ca_geometry: bool = True) -> tuple[dict, bool]:
     """One all-atom trajectory with ``starmd run``'s machinery (all-atom frame every Δt).
 
-    Reuses ``out`` if its run.json matches (model, Δt, frames, seed, steps) unless ``regenerate``.
+    Reuses ``out`` if its run.json matches (model, Δt, frames, seed, steps, Cα projection; records
+    from before the projection existed count as without it) unless ``regenerate``.
     Returns (the run record, whether it was reused).
     """
     from openmm_starmd.cli import run_one
@@ -246,11 +247,12 @@ def generate(start_pdb: Path, out: Path, model_path: str, dt_ns: float, n_frames
         same = (rec.get("model") == str(model_path) and math.isclose(rec.get("dt_ns", -1), dt_ns)
                 and rec.get("frames") == n_frames and rec.get("seed") == seed
                 and rec.get("all_atom_frames") == n_frames and rec.get("steps_override") == steps
-                and (out / "traj.dcd").exists())
+                and rec.get("ca_geometry", False) == ca_geometry and (out / "traj.dcd").exists())
         if same:
             return rec, True
     rec = run_one(str(start_pdb), str(out), time_ns=n_frames * dt_ns, dt_ns=dt_ns, report_ns=dt_ns,
-                  model=str(model_path), device=device, seed=seed, steps=steps, progress=True)
+                  model=str(model_path), device=device, seed=seed, steps=steps, progress=True,
+                  ca_geometry=ca_geometry)
     rec["steps_override"] = steps
     record_path.write_text(json.dumps(rec, indent=1, default=str))
     return rec, False
@@ -311,7 +313,7 @@ def run_cell(model: str, model_path: str, dt_label: str, dt_ns: float, targets: 
         start = write_start(t, Path(args.out) / "starts" / f"{t.name}.pdb")
         gen_dir = root / "gen" / t.name
         rec, reused = generate(start, gen_dir, model_path, dt_ns, n, args.seed + i, args.device,
-                               args.steps, args.regenerate)
+                               args.steps, args.regenerate, args.ca_geometry)
         cell.notes.append(f"{t.name}: {n} frames × {dt_ns:g} ns generated in {rec['wall_s']:.0f} s "
                           f"on {rec['device']}{' (an earlier run, reused)' if reused else ''} "
                           f"(reference: {t.reference.n_frames} frames every {t.reference.frame_ns:g} ns)")
@@ -442,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda (default auto)")
     p.add_argument("--steps", type=int, default=None,
                    help="reverse diffusion steps per frame (default: each model's own)")
+    p.add_argument("--ca-geometry", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate as StarMDIntegrator does by default, with each frame's Cα chain links and "
+                        "contacts held where MD keeps them; --no-ca-geometry scores the network's own frames")
     p.add_argument("--all-columns", action="store_true",
                    help="show every summary metric of evaluate-many, not only the main ones")
     p.add_argument("--regenerate", action="store_true",

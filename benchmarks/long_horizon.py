@@ -291,7 +291,8 @@ class RunState:
 
     Attributes
     ----------
-    ca_valid : list of bool, one per generated frame
+    ca_valid : list of bool, one per generated frame (as kept: after the Cα projection when it is on)
+    raw_ca_valid : list of bool, one per generated frame: the network's own frame, before any projection
     ca_nm : list of np.ndarray (N, 3) float32, one per generated frame, nm
     bm_frame : list of int, generated-frame number (1-based) of each all-atom frame
     bm_ca_valid, bm_aa_valid : list of bool
@@ -305,7 +306,7 @@ class RunState:
     """
 
     def __init__(self, start_nm: np.ndarray):
-        self.ca_valid, self.ca_nm = [], []
+        self.ca_valid, self.ca_nm, self.raw_ca_valid = [], [], []
         self.bm_frame, self.bm_ca_valid, self.bm_aa_valid, self.bm_energy, self.bm_xyz = [], [], [], [], []
         self.bm_strained = []
         self.bm_failures = []
@@ -327,6 +328,7 @@ class RunState:
         n_res = sampler.n_residues
         arrays.update({
             "ca_valid": np.array(self.ca_valid, dtype=bool),
+            "raw_ca_valid": np.array(self.raw_ca_valid, dtype=bool),
             "ca_nm": np.array(self.ca_nm, dtype=np.float32).reshape(-1, n_res, 3),
             "bm_frame": np.array(self.bm_frame, dtype=np.int64),
             "bm_ca_valid": np.array(self.bm_ca_valid, dtype=bool),
@@ -354,6 +356,8 @@ class RunState:
                                  "rerun with the same ones, pass --fresh to start over, or use another --out.")
             state = cls(z["aa_nm"])
             state.ca_valid = z["ca_valid"].tolist()
+            # states from before the projection existed: the kept frames were the network's own
+            state.raw_ca_valid = z["raw_ca_valid"].tolist() if "raw_ca_valid" in z.files else list(state.ca_valid)
             state.ca_nm = list(z["ca_nm"])
             state.bm_frame = z["bm_frame"].tolist()
             state.bm_ca_valid = z["bm_ca_valid"].tolist()
@@ -386,7 +390,8 @@ def make_sampler(loaded, setup: ProteinSetup, args) -> AutoregressiveSampler:
                                  torch.as_tensor(p.residue_index), torch.as_tensor(p.chain_index),
                                  torch.as_tensor(p.mask), dt_ns=args.dt_ns, config=config, seed=seed,
                                  device=args.torch_device,
-                                 pair_bounds=disulfide_bounds(setup.topology, p.topology_residue_index))
+                                 pair_bounds=disulfide_bounds(setup.topology, p.topology_residue_index),
+                                 ca_geometry=args.ca_geometry)
 
 
 def generate(sampler: AutoregressiveSampler, setup: ProteinSetup, state: RunState, n: int) -> Rigid | None:
@@ -397,7 +402,7 @@ def generate(sampler: AutoregressiveSampler, setup: ProteinSetup, state: RunStat
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            out = sampler.generate(n)
+            out, raw = sampler.generate(n, return_raw=True)
     except FloatingPointError as exc:
         state.timing["sampling_s"] += time.perf_counter() - t0
         state.stopped = f"model produced NaN/Inf after frame {state.frames}: {exc}"
@@ -407,6 +412,8 @@ def generate(sampler: AutoregressiveSampler, setup: ProteinSetup, state: RunStat
     ca = out.trans[0].detach().double().cpu().numpy()  # (n, N, 3)
     valid = ca_validity(md.Trajectory(ca.astype(np.float32), setup.top_ca), ignore_pairs=setup.ca_gaps).valid
     state.ca_valid += valid.tolist()
+    raw_ca = raw.trans[0].detach().float().cpu().numpy()
+    state.raw_ca_valid += ca_validity(md.Trajectory(raw_ca, setup.top_ca), ignore_pairs=setup.ca_gaps).valid.tolist()
     state.ca_nm += list(ca.astype(np.float32))
     state.timing["scoring_s"] += time.perf_counter() - t0
     return Rigid(out.rots[0, -1].double().cpu(), out.trans[0, -1].double().cpu())
@@ -453,6 +460,7 @@ def block_table(state: RunState, args) -> list[dict]:
     """Per-block results of the frames generated so far (complete blocks and the current partial one)."""
     per = args.block_frames
     ca = np.array(state.ca_valid, dtype=bool)
+    raw = np.array(state.raw_ca_valid, dtype=bool)
     bm = np.array(state.bm_frame, dtype=np.int64)
     bm_ca = np.array(state.bm_ca_valid, dtype=bool)
     bm_aa = np.array(state.bm_aa_valid, dtype=bool)
@@ -466,6 +474,7 @@ def block_table(state: RunState, args) -> list[dict]:
         rows.append({
             "start_ns": lo * args.dt_ns, "end_ns": hi * args.dt_ns, "frames": hi - lo, "complete": hi - lo == per,
             "ca_validity": _fraction(ca[lo:hi]),
+            "raw_ca_validity": _fraction(raw[lo:hi]),
             "backmapped_frames": int(sel.sum()),
             "ca_validity_backmapped": _fraction(bm_ca[sel]),
             "allatom_validity": _fraction(bm_aa[sel]),
@@ -493,10 +502,12 @@ def protein_summary(setup: ProteinSetup, state: RunState, args, target_frames: i
     rows = block_table(state, args)
     n_bm = len(state.bm_frame)
     ca_crit = criterion(rows, "ca_validity", args.tolerance)
+    raw_crit = criterion(rows, "raw_ca_validity", args.tolerance)
     comb_crit = criterion(rows, "combined_validity", args.tolerance)
     if state.stopped:
-        ca_crit["pass"] = comb_crit["pass"] = False
-        ca_crit["note"] = comb_crit["note"] = "rollout stopped early: " + state.stopped
+        for c in (ca_crit, raw_crit, comb_crit):
+            c["pass"] = False
+            c["note"] = "rollout stopped early: " + state.stopped
     t = state.timing
     return {
         "structure": str(setup.structure.relative_to(ROOT)), "prepare_options": setup.prepare_options,
@@ -509,8 +520,8 @@ def protein_summary(setup: ProteinSetup, state: RunState, args, target_frames: i
         "thresholds": {"ca_clash_nm": CA_CLASH_NM, "ca_break_nm": CA_BREAK_NM,
                        "ca_gap_pairs_exempt": setup.ca_gaps.tolist(), **setup.criteria.as_dict()},
         "blocks": rows,
-        "criterion": {"ca_validity": ca_crit, "combined_validity": comb_crit},
-        "overall": {"ca_validity": _fraction(state.ca_valid),
+        "criterion": {"ca_validity": ca_crit, "raw_ca_validity": raw_crit, "combined_validity": comb_crit},
+        "overall": {"ca_validity": _fraction(state.ca_valid), "raw_ca_validity": _fraction(state.raw_ca_valid),
                     "combined_validity": _fraction(np.array(state.bm_ca_valid, bool) & np.array(state.bm_aa_valid, bool))},
         "timing": {**t,
                    "sampling_s_per_frame": t["sampling_s"] / state.frames if state.frames else None,
@@ -567,15 +578,18 @@ def markdown(name: str, rec: dict) -> str:
     """One protein's Markdown table and verdict lines."""
     head = (f"**{name}** ({rec['residues']} residues, {rec['atoms']} atoms; {rec['frames_done']}/{rec['frames_target']} "
             f"frames, {rec['status']}). All-atom thresholds: {describe_reference(rec['reference'])}.")
-    lines = [head, "", "| block (ns) | Cα validity | combined validity (n) | median energy (kJ/mol) | strained |",
-             "|---|---|---|---|---|"]
+    lines = [head, "", "| block (ns) | Cα validity | network's own Cα validity | combined validity (n) | "
+                       "median energy (kJ/mol) | strained |",
+             "|---|---|---|---|---|---|"]
     for r in rec["blocks"]:
         mark = "" if r["complete"] else " (partial)"
         lines.append(f"| {r['start_ns']:g}–{r['end_ns']:g}{mark} | {_f(r['ca_validity'])} | "
+                     f"{_f(r.get('raw_ca_validity'))} | "
                      f"{_f(r['combined_validity'])} ({r['backmapped_frames']}) | {_f(r['median_energy_kj_mol'], '.4g')} | "
                      f"{r.get('strained_frames', '–')} |")
     c = rec["criterion"]
-    lines += ["", f"No block below the first: Cα {_verdict(c['ca_validity'])}; "
+    raw = f"network's own Cα {_verdict(c['raw_ca_validity'])}; " if "raw_ca_validity" in c else ""
+    lines += ["", f"No block below the first: Cα {_verdict(c['ca_validity'])}; {raw}"
                   f"combined {_verdict(c['combined_validity'])}."]
     t = rec["timing"]
     lines.append(f"Time: sampling {_f(t['sampling_s_per_frame'], '.3f')} s/frame, backmapping "
@@ -604,6 +618,9 @@ def plot(path: Path, results: dict, title: str) -> None:
         comb = np.array([np.nan if r["combined_validity"] is None else r["combined_validity"] for r in rows])
         ax.plot(mid, ca, "-o", color=colour, ms=3, label=f"{name} Cα")
         ax.plot(mid, comb, "--s", color=colour, ms=3, label=f"{name} combined")
+        raw = np.array([np.nan if r.get("raw_ca_validity") is None else r["raw_ca_validity"] for r in rows])
+        if not np.allclose(raw, ca, equal_nan=True):
+            ax.plot(mid, raw, ":", color=colour, label=f"{name} Cα, network's own")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("time (ns, block midpoint)")
     ax.set_ylabel("fraction valid")
@@ -753,6 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="output folder: long_horizon.{json,md,png} and one folder per protein with state.npz, "
                         "prepared.pdb, traj_ca.dcd, traj_aa.dcd (default benchmarks/out/long_horizon/)")
+    p.add_argument("--ca-geometry", action=argparse.BooleanOptionalAction, default=True,
+                   help="hold each frame's Cα chain links and contacts where MD keeps them, as StarMDIntegrator does "
+                        "by default (openmm_starmd.geometry.ca_constraints); the network's own frames are scored too")
     p.add_argument("--fresh", action="store_true", help="ignore saved states in --out and start every protein over")
     return p
 
@@ -778,7 +798,7 @@ def main(argv=None) -> int:
         config["steps"] = args.steps
     args.fingerprint = {"model_sha256": model_sha, "dt_ns": args.dt_ns, "backmap_every_ns": args.backmap_every_ns,
                         "seed": args.seed, "sampling": config, "forcefield": list(args.forcefield),
-                        "backmap": args.backmap}
+                        "backmap": args.backmap, "ca_geometry": args.ca_geometry}
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "benchmark": "long-horizon stability (issue: evaluation, benchmark 2)",
@@ -789,10 +809,12 @@ def main(argv=None) -> int:
         "settings": {"time_ns": args.time_ns, "dt_ns": args.dt_ns, "block_ns": args.block_ns,
                      "backmap_every_ns": args.backmap_every_ns, "tolerance": args.tolerance, "seed": args.seed,
                      "sampling": config, "forcefield": list(args.forcefield), "backmap": args.backmap,
-                     "torch_device": args.torch_device, "threads": args.threads, "openmm_platform": platform.getName()},
+                     "ca_geometry": args.ca_geometry, "torch_device": args.torch_device, "threads": args.threads, "openmm_platform": platform.getName()},
         "definitions": {
             "ca_validity": "every generated frame: no non-neighbour Cα pair < ca_clash_nm and no consecutive Cα pair "
-                           "> ca_break_nm (gaps of the start exempt)",
+                           "> ca_break_nm (gaps of the start exempt), as kept (after the Cα projection when "
+                           "ca_geometry is on)",
+            "raw_ca_validity": "the same on the network's own frames, before the Cα projection and disulfide bounds",
             "combined_validity": "all-atom (backmapped) frames: Cα-valid AND all-atom valid (peptide bonds, "
                                  "clashscore, Ramachandran and rotamer outlier fractions vs the thresholds)",
             "criterion": "pass if no complete block after the first has validity below the first block's - tolerance",

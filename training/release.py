@@ -16,7 +16,8 @@ The procedure is the one written down before the floor data existed, step for st
    with its t_min (the model it replaces is kept as ``OUT/previous_default.pt`` first);
 5. the model card's numbers, all on proteins the model never saw, two at a time: ``model_card``
    (facts table; the loss curves are each run's ``loss.png``), ``denoise`` (validation), ``rollout_test`` (test split, the new
-   model and the previous one), ``fidelity`` (benchmark 3 at 1 ns and the finest Δt),
+   model and the previous one), ``fidelity`` (benchmark 3 at 1 ns and the finest Δt, frames as the
+   integrator makes them) and ``fidelity_raw`` (the same with the network's own frames, no Cα projection),
    ``long_horizon`` (benchmark 2: 1 μs on the test proteins) then ``long_horizon_10us`` (villin
    continued to 10 μs), and ``peptide_test`` (the integrator test with the bundled model).
 
@@ -159,6 +160,10 @@ def plan(args) -> list[Step]:
     steps.append(Step("fidelity", [PY, "benchmarks/fidelity_table.py", "--model", f"default={target}",
                                    "--dt-ns", "1.0", "finest", "--out", os.path.join(out, "fidelity")],
                       [os.path.join(out, "fidelity", "fidelity.md")], ev))
+    steps.append(Step("fidelity_raw", [PY, "benchmarks/fidelity_table.py", "--model", f"default={target}",
+                                       "--dt-ns", "1.0", "finest", "--no-ca-geometry",
+                                       "--out", os.path.join(out, "fidelity_raw")],
+                      [os.path.join(out, "fidelity_raw", "fidelity.md")], ev))
     lh = os.path.join(out, "long_horizon")
     steps.append(Step("long_horizon", [PY, "benchmarks/long_horizon.py", "--model", target, "--manifest", manifest,
                                        "--out", lh], [os.path.join(lh, "long_horizon.json")], ev))
