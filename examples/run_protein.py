@@ -59,6 +59,9 @@ def main(argv=None) -> int:
           f"in {wall:.1f} s on {integrator.device}: {simulated_ns / wall * 86400:.3g} ns/day.")
     print(f"Wrote {out / 'prepared.pdb'}, {out / 'traj.dcd'} ({args.steps // args.report_every} all-atom frames), "
           f"{out / 'log.csv'}.")
+    cp = integrator.ca_projection
+    print(f"Cα projection (keep_ca_geometry, default): moved {cp['moved']} of {cp['frames']} generated frames back "
+          f"into the bounds MD keeps (largest residue move {cp['max_move_nm'] * 10:.2f} Å).")
     if integrator.strained_frames:
         print(f"{integrator.strained_frames} all-atom frame(s) strained beyond repair (see the BackmapWarning above).")
 

@@ -157,6 +157,7 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
         "model": str(model) if model else "bundled default", "backmap": backmap, "ca_geometry": bool(ca_geometry),
         "sampling": integrator.sampling_config.to_dict(), "forcefield": list(forcefield),
         "wall_s": wall, "ns_per_day": time_ns / wall * 86400, "strained_frames": integrator.strained_frames,
+        "ca_projection": integrator.ca_projection,
         "removed_by_preparation": getattr(prepared, "removed", {}),
     }
     return _finish_run(out, tmp, record)
@@ -219,9 +220,21 @@ def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: flo
         "device": device, "model": str(model) if model else "bundled default", "backmap": backmap,
         "ca_geometry": bool(ca_geometry), "sampling": sampling.to_dict(), "forcefield": list(forcefield), "wall_s": wall,
         "ns_per_day": n_replicas * time_ns / wall * 86400, "strained_frames": gen.backmapper.strained_frames,
+        "ca_projection": dict(gen.sampler.ca_projection),
         "removed_by_preparation": getattr(prepared, "removed", {}),
     }
     return _finish_run(out, tmp, record)
+
+
+def _projection_line(stats: dict) -> str:
+    """One sentence on what the Cα projection did (``StarMDIntegrator.ca_projection``)."""
+    line = (f"the Cα projection moved {stats['moved']} of {stats['frames']} generated frames back into the bounds MD "
+            f"keeps (largest violation {stats['max_violation_nm'] * 10:.2f} Å, largest residue move "
+            f"{stats['max_move_nm'] * 10:.2f} Å); --no-ca-geometry keeps the network's frames as drawn.")
+    if stats.get("unconverged"):
+        line += (f" {stats['unconverged']} frame(s) were too far from any protein for it to finish: the model is "
+                 "outside what it was trained on.")
+    return line
 
 
 def _cmd_run(args) -> int:
@@ -240,6 +253,8 @@ def _cmd_run(args) -> int:
                            progress=not args.quiet, ca_geometry=args.ca_geometry)
     print(f"{args.out}: {args.replicas} x {rec['frames']} frames ({time_ns:g} ns each) in {rec['wall_s']:.1f} s, "
           f"{rec['ns_per_day']:.3g} ns/day in all on {rec['device']}")
+    if rec.get("ca_geometry"):
+        print(f"{args.out}: {_projection_line(rec['ca_projection'])}")
     if rec["strained_frames"]:
         print(f"{args.out}: {rec['strained_frames']} of the all-atom frames are strained beyond repair (atoms "
               "closer than 0.3 Å or a disulfide stretched beyond 2.3 Å; see the BackmapWarning): the model left "

@@ -328,6 +328,16 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         return 0 if self._backmapper is None else self._backmapper.strained_frames
 
     @property
+    def ca_projection(self) -> dict:
+        """What the Cα projection (``keep_ca_geometry``) did to the current trajectory's generated
+        frames: ``frames`` generated, ``moved`` (frames it changed), ``unconverged`` (frames left
+        with a bound still violated after its last sweep), ``max_violation_nm`` (the largest bound
+        violation it found) and ``max_move_nm`` (the largest residue move it made). All zero with
+        ``keep_ca_geometry=False`` or before the first step."""
+        empty = {"frames": 0, "moved": 0, "unconverged": 0, "max_violation_nm": 0.0, "max_move_nm": 0.0}
+        return dict(empty if self._sampler is None else self._sampler.ca_projection)
+
+    @property
     def history_length(self) -> int:
         """Frames in the model's memory of the current trajectory, the starting structure included."""
         return 0 if self._sampler is None else int(self._sampler.n_frames)

@@ -200,9 +200,11 @@ class AutoregressiveSampler:
         self.ca_geometry = bool(ca_geometry)
         self._ca_constraints = None  # built from the first history frame
         self._ca_reference = None  # (N, 3) Cα of that frame, nm
-        #: Statistics of the Cα projection (``ca_geometry``): frames it moved, and the largest
+        #: Statistics of the Cα projection (``ca_geometry``): frames it moved, frames it left with a
+        #: bound still violated by more than its tolerance after its last sweep (only frames far
+        #: outside what any trained model makes, e.g. an untrained network's), and the largest
         #: violation it found and the largest move it made, nm.
-        self.ca_projection = {"frames": 0, "moved": 0, "max_violation_nm": 0.0, "max_move_nm": 0.0}
+        self.ca_projection = {"frames": 0, "moved": 0, "unconverged": 0, "max_violation_nm": 0.0, "max_move_nm": 0.0}
         self._use_context_noise = self.model.config.contextual_noise and self.config.context_tau_max > 0
         self._reset(start_frame=0, attention_origin=None)
 
@@ -306,6 +308,7 @@ class AutoregressiveSampler:
         stats = self.ca_projection
         stats["frames"] += 1
         stats["moved"] += int(info["max_move_nm"] > 0)
+        stats["unconverged"] += int(info["violation_after_nm"] > self._ca_constraints.tol_nm)
         stats["max_violation_nm"] = max(stats["max_violation_nm"], info["violation_before_nm"])
         stats["max_move_nm"] = max(stats["max_move_nm"], info["max_move_nm"])
         return Rigid(x0.rots, trans)

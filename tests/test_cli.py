@@ -53,6 +53,18 @@ def test_run_writes_every_output(small_model, tmp_path):
     ca = md.load(str(out / "traj_ca.dcd"), top=str(out / "ca.pdb"))
     assert ca.n_frames == 6 and ca.n_atoms == 34
     assert np.isfinite(ca.xyz).all()
+    # the Cα projection is on by default and the record says what it did: this untrained network
+    # scatters residues tens of nm apart (a violation of ~40 nm), and the projection pulls every
+    # chain link back to within 0.1 Å of its bounds even where it cannot finish
+    proj = record["ca_projection"]
+    assert record["ca_geometry"] is True and proj["frames"] == proj["moved"] == 6
+    assert proj["max_violation_nm"] > 1.0 and 0 <= proj["unconverged"] <= 6
+    links = np.linalg.norm(np.diff(ca.xyz, axis=1), axis=-1)
+    start = md.load(str(out / "prepared.pdb"))
+    start_links = np.linalg.norm(np.diff(start.xyz[0, start.topology.select("name CA")], axis=0), axis=-1)
+    lo, hi = np.minimum(0.36, start_links), np.maximum(0.41, start_links)  # a start outside keeps its own
+    tol = 2e-4 if proj["unconverged"] == 0 else 0.01
+    assert (links > lo - tol).all() and (links < hi + tol).all()
     rows = (out / "log.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # header + 2 reports
     time_ps = [float(r.split(",")[1]) for r in rows[1:]]

@@ -375,6 +375,14 @@ def test_disulfides_of_the_topology_keep_their_ca_distance(crambin_pdb):
     off = integrator(backmap="none", seed=1, keep_disulfides=False)
     crambin.simulation(off).step(1)
     assert off._pair_bounds is None
+    # the Cα projection (on by default) acted on each of the 6 frames of the tiny random model; off, never
+    assert integ.ca_projection["frames"] == 6 and integ.ca_projection["moved"] == 6
+    raw = integrator(backmap="none", seed=1, keep_ca_geometry=False)
+    assert raw.ca_projection["frames"] == 0
+    crambin.simulation(raw).step(2)
+    assert raw.ca_projection == {"frames": 0, "moved": 0, "unconverged": 0, "max_violation_nm": 0.0, "max_move_nm": 0.0}
+    link = torch.linalg.vector_norm(raw.generated_frames.trans[1:] - raw.generated_frames.trans[:-1], dim=-1)
+    assert float(link.max()) > 0.42  # without it the random network's chain is broken
 
 
 def test_state_file_tree_round_trip():
