@@ -462,10 +462,12 @@ class AutoregressiveSampler:
             raise ValueError(f"sampler state is inconsistent: rebuilt {self.n_frames} frames, expected {state['n_frames']}.")
         origin = state["diffusion_origin"]
         self._origin = None if origin is None else tensor(origin)
-        if self.ca_geometry:
-            if state.get("ca_reference") is None:
-                raise ValueError("this sampler has ca_geometry=True but the saved one had not (no Cα reference in the "
-                                 "state); build the sampler as the saved one was built.")
+        saved = state.get("ca_reference") is not None
+        if self.ca_geometry != saved:
+            raise ValueError(f"the saved rollout was made with ca_geometry={saved} and this sampler has "
+                             f"ca_geometry={self.ca_geometry}; build it with ca_geometry={saved} "
+                             f"(StarMDIntegrator: keep_ca_geometry={saved}) to continue it exactly.")
+        if saved:
             self._set_ca_reference(torch.as_tensor(np.asarray(state["ca_reference"])))
         self.seed = int(state["seed"])
         self.generator.set_state(torch.as_tensor(np.asarray(state["rng_state"], dtype=np.uint8)))
