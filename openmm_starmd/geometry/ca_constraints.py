@@ -25,7 +25,10 @@ of held pairs it is in (a fixed Jacobi weight: stable where the plain sum oversh
 continuous in the positions, so the result does not depend on rounding). Sweeps stop when no bound is violated
 by more than ``tol_nm`` or after ``max_sweeps``. A frame inside every bound is returned unchanged,
 so MD frames pass through untouched. Built from distances and differences only, the projection
-commutes with global rotations and translations.
+commutes with global rotations and translations. Only the non-bonded pairs near their bound are
+followed sweep by sweep (:data:`CANDIDATE_MARGIN_NM`), all of them checked at the end: one frame
+with 0.5 Å of noise on every Cα takes 8 / 4 / 24 ms at N = 50 / 200 / 1000 (one thread; 916 ms at
+N = 1000 when every pair was followed in every sweep).
 
 What it changes, and what it does not: it removes the model's chain breaks and Cα clashes and
 stops their accumulation through the history; it cannot add what the model lacks (drift of the
@@ -38,8 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CHAIN_CA_RANGE_NM", "MIN_NONBONDED_CA_NM", "GAP_CA_NM", "CaConstraints", "build_ca_constraints",
-           "project_ca"]
+__all__ = ["CHAIN_CA_RANGE_NM", "MIN_NONBONDED_CA_NM", "GAP_CA_NM", "CANDIDATE_MARGIN_NM", "CaConstraints",
+           "build_ca_constraints", "project_ca"]
 
 #: Consecutive Cα–Cα distance kept by the projection, nm (MD: 3.61–4.08 Å in every frame).
 CHAIN_CA_RANGE_NM = (0.360, 0.410)
@@ -124,7 +127,7 @@ def build_ca_constraints(residue_index, chain_index, mask, reference_ca_nm, extr
         if bool(((elo <= 0) | (ehi < elo)).any()):
             raise ValueError("extra pair bounds need 0 < low <= high (nm).")
         pairs, lo, hi = torch.cat([pairs, ep]), torch.cat([lo, elo]), torch.cat([hi, ehi])
-    d_ref = torch.cdist(ref, ref)
+    d_ref = _pairwise(ref)
     minimum = torch.clamp(torch.minimum(torch.full_like(d_ref, float(min_nonbonded_nm)), d_ref), min=0.0)
     free = m[:, None] & m[None, :] & ~torch.eye(N, dtype=torch.bool)
     # residues next to each other in a chain are never "non-bonded", even across a gap, as in the
@@ -138,18 +141,40 @@ def build_ca_constraints(residue_index, chain_index, mask, reference_ca_nm, extr
     return CaConstraints(pairs=pairs, lo=lo, hi=hi, min_nonbonded=minimum)
 
 
-def _violations(x: torch.Tensor, c: CaConstraints):
-    """Per-pair signed excess of the held pairs (>0 too long, <0 too short, else 0) and the
-    non-bonded deficit matrix, with the distances and difference vectors they act along."""
+#: Non-bonded pairs closer than their bound plus this margin when a projection starts are the only
+#: ones it tracks sweep by sweep (residues move a few Å at most); every pair is checked when it
+#: ends, and the list is rebuilt if one outside it was crossed. The result is what tracking every
+#: pair would give, at O(N) instead of O(N²) work per sweep.
+CANDIDATE_MARGIN_NM = 0.3
+
+
+def _pairwise(x: torch.Tensor) -> torch.Tensor:
+    """(..., N, N) distances computed pair by pair (``torch.cdist``'s default matrix-product form
+    loses ~1e-4 nm in float32, as much as the projection's tolerance)."""
+    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _worst(x: torch.Tensor, c: CaConstraints) -> float:
+    """Largest violation of any bound (held pairs and every non-bonded pair), nm."""
     i, j = c.pairs[:, 0], c.pairs[:, 1]
-    d = x[..., j, :] - x[..., i, :]  # (..., P, 3)
-    r = torch.linalg.vector_norm(d, dim=-1)
-    lo, hi = c.lo.to(x), c.hi.to(x)
-    excess = torch.where(r > hi, r - hi, torch.where(r < lo, r - lo, torch.zeros_like(r)))
-    D = x[..., None, :, :] - x[..., :, None, :]  # D[a, b] = x_b - x_a
-    R = torch.linalg.vector_norm(D, dim=-1)
-    deficit = torch.clamp(c.min_nonbonded.to(x) - R, min=0.0)  # > 0 where too close
-    return excess, d, r, deficit, D, R
+    r = torch.linalg.vector_norm(x[..., j, :] - x[..., i, :], dim=-1)
+    held = torch.clamp(torch.maximum(r - c.hi.to(x), c.lo.to(x) - r), min=0.0)
+    deficit = torch.clamp(c.min_nonbonded.to(x) - _pairwise(x), min=0.0)
+    worst = max(float(held.max()) if held.numel() else 0.0, float(deficit.max()) if deficit.numel() else 0.0)
+    return worst
+
+
+def _tracked_pairs(x: torch.Tensor, c: CaConstraints) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Held pairs plus the non-bonded pairs near their bound (in any batch element): (P, 2) pairs
+    and (P,) lower and upper bounds, nm (no upper bound for non-bonded pairs)."""
+    N = x.shape[-2]
+    m = c.min_nonbonded.to(x)
+    near = ((_pairwise(x) < m + CANDIDATE_MARGIN_NM) & (m > 0)).reshape(-1, N, N).any(0)
+    a, b = torch.nonzero(torch.triu(near, diagonal=1), as_tuple=True)
+    pairs = torch.cat([c.pairs.to(x.device), torch.stack([a, b], dim=-1)])
+    lo = torch.cat([c.lo.to(x), m[a, b]])
+    hi = torch.cat([c.hi.to(x), torch.full_like(m[a, b], float("inf"))])
+    return pairs, lo, hi
 
 
 def project_ca(trans: torch.Tensor, constraints: CaConstraints) -> tuple[torch.Tensor, dict]:
@@ -168,34 +193,40 @@ def project_ca(trans: torch.Tensor, constraints: CaConstraints) -> tuple[torch.T
     c = constraints
     x = trans
     tiny = torch.finfo(x.dtype).tiny
-    i, j = c.pairs[:, 0].to(x.device), c.pairs[:, 1].to(x.device)
+    held_i, held_j = c.pairs[:, 0].to(x.device), c.pairs[:, 1].to(x.device)
     # Jacobi weights: 1 / (1 + number of held pairs of the residue), fixed, so the update is a
     # continuous function of the positions (a weight that counted the bounds active in a sweep would
     # jump when one became active, and the result would then depend on rounding).
     degree = torch.zeros(x.shape[-2], dtype=x.dtype, device=x.device)
-    degree.index_add_(0, i, torch.ones_like(i, dtype=x.dtype))
-    degree.index_add_(0, j, torch.ones_like(j, dtype=x.dtype))
+    degree.index_add_(0, held_i, torch.ones_like(held_i, dtype=x.dtype))
+    degree.index_add_(0, held_j, torch.ones_like(held_j, dtype=x.dtype))
     weight = (1.0 / (1.0 + degree))[:, None]
-    before = None
+    before = worst = _worst(x, c)
     sweeps = 0
-    for sweeps in range(c.max_sweeps + 1):
-        excess, d, r, deficit, D, R = _violations(x, c)
-        worst = torch.maximum(excess.abs().amax(dim=-1) if excess.numel() else torch.zeros(x.shape[:-2], dtype=x.dtype),
-                              deficit.flatten(-2).amax(dim=-1))
-        worst = float(worst.max()) if worst.numel() else 0.0
-        if before is None:
-            before = worst
-        if worst <= c.tol_nm or sweeps == c.max_sweeps:
-            break
-        move = torch.zeros_like(x)
-        # held pairs: i moves towards j by half the excess, j towards i
-        step = 0.5 * excess[..., None] * d / r[..., None].clamp_min(tiny)
-        move.index_add_(-2, i, step)
-        move.index_add_(-2, j, -step)
-        # non-bonded pairs too close: each moves away from the other by half the deficit
-        push = 0.5 * deficit / R.clamp_min(tiny)  # (..., N, N), symmetric
-        move -= (push[..., None] * D).sum(dim=-2)
-        x = x + move * weight
+    if worst > c.tol_nm:
+        pairs, lo, hi = _tracked_pairs(x, c)
+        rebuilds = 0
+        while True:
+            i, j = pairs[:, 0], pairs[:, 1]
+            d = x[..., j, :] - x[..., i, :]  # (..., P, 3)
+            r = torch.linalg.vector_norm(d, dim=-1)
+            excess = torch.where(r > hi, r - hi, torch.where(r < lo, r - lo, torch.zeros_like(r)))
+            if float(excess.abs().max()) <= c.tol_nm or sweeps == c.max_sweeps:
+                worst = _worst(x, c)
+                if worst <= c.tol_nm or sweeps == c.max_sweeps:
+                    break
+                rebuilds += 1
+                if rebuilds > 10:  # cannot happen with exact distances; never loop forever
+                    break
+                pairs, lo, hi = _tracked_pairs(x, c)  # a pair outside the list was crossed
+                continue
+            # each violated pair asks its residues to move along their line by half the excess each
+            step = 0.5 * excess[..., None] * d / r[..., None].clamp_min(tiny)
+            move = torch.zeros_like(x)
+            move.index_add_(-2, i, step)
+            move.index_add_(-2, j, -step)
+            x = x + move * weight
+            sweeps += 1
     return x, {"violation_before_nm": before, "violation_after_nm": worst,
                "max_move_nm": float(torch.linalg.vector_norm(x - trans, dim=-1).max()) if x.numel() else 0.0,
                "sweeps": sweeps}
