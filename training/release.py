@@ -7,7 +7,8 @@
 
 The procedure is the one written down before the floor data existed, step for step:
 
-1. ``floor``: ``prepare.py --no-build --check-floor`` must pass (``--rehearsal`` skips it);
+1. ``floor``: ``prepare.py --no-build --check-floor`` must pass on the shards as built (run
+   ``python training/prepare.py`` first to turn the latest MD into shards; ``--rehearsal`` skips it);
 2. ``train_a`` / ``train_b``: the A/B of ``configs/mini_atlas_cpu.yaml``, fixed prior vs a prior
    growing as Δt^0.25, side by side with one thread each, into ``OUT/a`` and ``OUT/b``;
 3. ``select``: ``select_model.py`` on the validation proteins (t_min 0.01 / 0.03 / 0.05, Δt
@@ -292,6 +293,9 @@ def run(args) -> int:
             if rc != 0:
                 failed.add(name)
                 print(f"[{_now()}] {name}: FAILED (exit {rc}); see {rec['log']}", flush=True)
+                if name == "floor":
+                    print("  the floor is checked on the shards in the manifest: if the MD has grown since they "
+                          "were built, run `python training/prepare.py` first.", flush=True)
             elif not all(os.path.exists(p) for p in by_name[name].outputs):
                 failed.add(name)
                 missing = [p for p in by_name[name].outputs if not os.path.exists(p)]

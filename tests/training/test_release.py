@@ -126,6 +126,7 @@ def test_below_the_floor_nothing_is_trained(tmp_path):
     proc = _release("--manifest", manifest, "--out", tmp_path / "rel", "--poll", "0.2", check=False)
     assert proc.returncode == 1
     assert "floor: FAILED" in proc.stdout and "train_a: not run, it needs floor" in proc.stdout
+    assert "training/prepare.py" in proc.stdout  # the hint: shards may be older than the MD
     assert not (tmp_path / "rel" / "a").exists()
     log = (tmp_path / "rel" / "logs" / "floor.log").read_text()
     assert "not met" in log
