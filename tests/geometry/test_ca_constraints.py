@@ -135,3 +135,15 @@ def test_tracking_only_nearby_pairs_gives_the_dense_result(md):
     assert info["violation_before_nm"] > 0.1 and info["violation_after_nm"] <= c.tol_nm
     assert float((c.min_nonbonded - torch.cdist(noisy, noisy)).max()) > 0.02  # non-bonded bounds were violated
     torch.testing.assert_close(y, _dense_projection(noisy, c), rtol=0, atol=1e-10)
+
+
+def test_no_link_is_held_across_chains(md):
+    """Two chains (the protein cut in two): the pair at the cut is no chain link but a non-bonded
+    pair, like any two residues of different chains."""
+    sh, ca, _ = md
+    chain = np.zeros(sh.n_residues, dtype=int)
+    chain[20:] = 1
+    c = build_ca_constraints(sh.residue_index, chain, sh.residue_mask, ca[0])
+    held = {tuple(p) for p in c.pairs.tolist()}
+    assert (19, 20) not in held and len(held) == sh.n_residues - 2
+    assert float(c.min_nonbonded[19, 20]) == MIN_NONBONDED_CA_NM
