@@ -27,9 +27,9 @@ by more than ``tol_nm`` or after ``max_sweeps``. A frame inside every bound is r
 so MD frames pass through untouched. Built from distances and differences only, the projection
 commutes with global rotations and translations. Only the non-bonded pairs near their bound are
 followed sweep by sweep (:data:`CANDIDATE_MARGIN_NM`), all of them checked at the end:
-``benchmarks/ca_projection_speed.py`` (0.5 Å of noise on every Cα, one thread) measured 7.5 / 7.3 /
-22 ms per frame at N = 50 / 200 / 1000, 0.3–3 % of the network passes that make the frame, where
-following every pair in every sweep took 8 / 46 / 1263 ms.
+``benchmarks/ca_projection_speed.py`` (0.5 Å of noise on every Cα, one thread) measured 4 / 8 / 25
+ms per frame at N = 50 / 200 / 1000, 0.3–2 % of the network passes that make the frame, where
+following every pair in every sweep took 6 / 75 / 1562 ms.
 
 What it changes, and what it does not: it removes the model's chain breaks and Cα clashes and
 stops their accumulation through the history; it cannot add what the model lacks (drift of the
@@ -165,12 +165,13 @@ def _worst(x: torch.Tensor, c: CaConstraints) -> float:
     return worst
 
 
-def _tracked_pairs(x: torch.Tensor, c: CaConstraints) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tracked_pairs(x: torch.Tensor, c: CaConstraints,
+                   margin_nm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Held pairs plus the non-bonded pairs near their bound (in any batch element): (P, 2) pairs
     and (P,) lower and upper bounds, nm (no upper bound for non-bonded pairs)."""
     N = x.shape[-2]
     m = c.min_nonbonded.to(x)
-    near = ((_pairwise(x) < m + CANDIDATE_MARGIN_NM) & (m > 0)).reshape(-1, N, N).any(0)
+    near = ((_pairwise(x) < m + margin_nm) & (m > 0)).reshape(-1, N, N).any(0)
     a, b = torch.nonzero(torch.triu(near, diagonal=1), as_tuple=True)
     pairs = torch.cat([c.pairs.to(x.device), torch.stack([a, b], dim=-1)])
     lo = torch.cat([c.lo.to(x), m[a, b]])
@@ -178,13 +179,17 @@ def _tracked_pairs(x: torch.Tensor, c: CaConstraints) -> tuple[torch.Tensor, tor
     return pairs, lo, hi
 
 
-def project_ca(trans: torch.Tensor, constraints: CaConstraints) -> tuple[torch.Tensor, dict]:
+def project_ca(trans: torch.Tensor, constraints: CaConstraints,
+               margin_nm: float = CANDIDATE_MARGIN_NM) -> tuple[torch.Tensor, dict]:
     """Move Cα positions (residue translations) into the bounds (module docstring).
 
     Parameters
     ----------
     trans : torch.Tensor, shape (..., N, 3), nm
     constraints : CaConstraints
+    margin_nm : float
+        Non-bonded pairs within this much of their bound are followed in every sweep
+        (:data:`CANDIDATE_MARGIN_NM`); ``float("inf")`` follows every pair, the O(N²) reference form.
 
     Returns
     -------
@@ -205,7 +210,7 @@ def project_ca(trans: torch.Tensor, constraints: CaConstraints) -> tuple[torch.T
     before = worst = _worst(x, c)
     sweeps = 0
     if worst > c.tol_nm:
-        pairs, lo, hi = _tracked_pairs(x, c)
+        pairs, lo, hi = _tracked_pairs(x, c, margin_nm)
         rebuilds = 0
         while True:
             i, j = pairs[:, 0], pairs[:, 1]
@@ -219,7 +224,7 @@ def project_ca(trans: torch.Tensor, constraints: CaConstraints) -> tuple[torch.T
                 rebuilds += 1
                 if rebuilds > 10:  # cannot happen with exact distances; never loop forever
                     break
-                pairs, lo, hi = _tracked_pairs(x, c)  # a pair outside the list was crossed
+                pairs, lo, hi = _tracked_pairs(x, c, margin_nm)  # a pair outside the list was crossed
                 continue
             # each violated pair asks its residues to move along their line by half the excess each
             step = 0.5 * excess[..., None] * d / r[..., None].clamp_min(tiny)
