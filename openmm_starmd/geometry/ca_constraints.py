@@ -155,14 +155,19 @@ def _pairwise(x: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
 
 
+def _excess(x: torch.Tensor, pairs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Signed excess of each pair over its bounds (> 0 too long, < 0 too short, else 0), shape
+    (..., P), with the pair vectors x_j - x_i (..., P, 3) and their lengths (..., P), nm."""
+    d = x[..., pairs[:, 1], :] - x[..., pairs[:, 0], :]
+    r = torch.linalg.vector_norm(d, dim=-1)
+    return torch.where(r > hi, r - hi, torch.where(r < lo, r - lo, torch.zeros_like(r))), d, r
+
+
 def _worst(x: torch.Tensor, c: CaConstraints) -> float:
     """Largest violation of any bound (held pairs and every non-bonded pair), nm."""
-    i, j = c.pairs[:, 0], c.pairs[:, 1]
-    r = torch.linalg.vector_norm(x[..., j, :] - x[..., i, :], dim=-1)
-    held = torch.clamp(torch.maximum(r - c.hi.to(x), c.lo.to(x) - r), min=0.0)
+    held, _, _ = _excess(x, c.pairs.to(x.device), c.lo.to(x), c.hi.to(x))
     deficit = torch.clamp(c.min_nonbonded.to(x) - _pairwise(x), min=0.0)
-    worst = max(float(held.max()) if held.numel() else 0.0, float(deficit.max()) if deficit.numel() else 0.0)
-    return worst
+    return max(float(held.abs().max()) if held.numel() else 0.0, float(deficit.max()) if deficit.numel() else 0.0)
 
 
 def _tracked_pairs(x: torch.Tensor, c: CaConstraints,
@@ -213,10 +218,7 @@ def project_ca(trans: torch.Tensor, constraints: CaConstraints,
         pairs, lo, hi = _tracked_pairs(x, c, margin_nm)
         rebuilds = 0
         while True:
-            i, j = pairs[:, 0], pairs[:, 1]
-            d = x[..., j, :] - x[..., i, :]  # (..., P, 3)
-            r = torch.linalg.vector_norm(d, dim=-1)
-            excess = torch.where(r > hi, r - hi, torch.where(r < lo, r - lo, torch.zeros_like(r)))
+            excess, d, r = _excess(x, pairs, lo, hi)
             if float(excess.abs().max()) <= c.tol_nm or sweeps == c.max_sweeps:
                 worst = _worst(x, c)
                 if worst <= c.tol_nm or sweeps == c.max_sweeps:
@@ -229,8 +231,8 @@ def project_ca(trans: torch.Tensor, constraints: CaConstraints,
             # each violated pair asks its residues to move along their line by half the excess each
             step = 0.5 * excess[..., None] * d / r[..., None].clamp_min(tiny)
             move = torch.zeros_like(x)
-            move.index_add_(-2, i, step)
-            move.index_add_(-2, j, -step)
+            move.index_add_(-2, pairs[:, 0], step)
+            move.index_add_(-2, pairs[:, 1], -step)
             x = x + move * weight
             sweeps += 1
     return x, {"violation_before_nm": before, "violation_after_nm": worst,
