@@ -287,6 +287,8 @@ def run(args) -> int:
                 stdout.close()
                 if rc == 0:
                     os.replace(by_name[name].stdout + ".tmp", by_name[name].stdout)
+                else:  # no partial output left behind
+                    os.remove(by_name[name].stdout + ".tmp")
             rec = state["steps"][name]
             rec.update(rc=rc, ended=_now())
             save_state(state_path, state)
