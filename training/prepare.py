@@ -56,29 +56,69 @@ def find_runs(md_root: str) -> list[dict]:
         if not replica.isdigit():
             continue
         with open(ckpt) as fh:
-            frames = int(json.load(fh)["frames"])
+            checkpoint_text = fh.read()  # read once: the shard and the exported state use this frame count
+        frames = int(json.loads(checkpoint_text)["frames"])
         with open(os.path.join(run_dir, "record.json")) as fh:
             record = json.load(fh)
         runs.append(dict(protein=os.path.basename(os.path.dirname(run_dir)), replica=int(replica), dir=run_dir,
-                         frames=frames, record=record, complete=os.path.exists(os.path.join(run_dir, "done"))))
+                         frames=frames, record=record, complete=os.path.exists(os.path.join(run_dir, "done")),
+                         checkpoint_text=checkpoint_text))
     return runs
 
 
 def shard_from_run(run: dict):
-    """Read the checkpointed part of one simulate.py run as a BackboneShard."""
+    """Read the checkpointed part of one simulate.py run as a BackboneShard.
+
+    A run restored on this machine (``restore_md.py``) holds its first ``dcd_first_frame`` frames
+    in ``prefix.npz`` and the rest in its DCD; the shard joins them, and its provenance lists the
+    restores (``restores``: exact, from committed state) and restarts (``restarts``: side chains
+    rebuilt on the backbone of that frame)."""
     s = run["record"]["settings"]
-    return read_backbone_trajectory(
-        os.path.join(run["dir"], "traj.dcd"), os.path.join(run["dir"], "topology.pdb"),
-        frame_spacing_ns=float(s["frame_ps"]) / 1000.0, n_frames=run["frames"], name=run["protein"],
-        replica=run["replica"], temperature_k=float(s["temperature_k"]),
-        forcefield="+".join(s.get("forcefield_files", [s["forcefield"]])),
-        provenance={"pdb_sha256": s.get("pdb_sha256"), "seed": s.get("seed"), "settings": s,
-                    "openmm": run["record"].get("versions", {}).get("openmm")})
+    record = run["record"]
+    first = int(record.get("dcd_first_frame", 0))
+    provenance = {"pdb_sha256": s.get("pdb_sha256"), "seed": s.get("seed"), "settings": s,
+                  "openmm": record.get("versions", {}).get("openmm")}
+    for key in ("restarts", "restores"):
+        if record.get(key):
+            provenance[key] = record[key]
+    spacing = float(s["frame_ps"]) / 1000.0
+    common = dict(name=run["protein"], replica=run["replica"], temperature_k=float(s["temperature_k"]),
+                  forcefield="+".join(s.get("forcefield_files", [s["forcefield"]])))
+    if first == 0:
+        return read_backbone_trajectory(
+            os.path.join(run["dir"], "traj.dcd"), os.path.join(run["dir"], "topology.pdb"),
+            frame_spacing_ns=spacing, n_frames=run["frames"], provenance=provenance, **common)
+    prefix = load_shard(os.path.join(run["dir"], "prefix.npz"))
+    if prefix.n_frames != first:
+        raise TrajectoryError(f"{run['dir']}/prefix.npz has {prefix.n_frames} frames but the run's DCD starts at "
+                              f"frame {first}; delete the run directory and restore it again.")
+    coords = prefix.coords_nm
+    if run["frames"] > first:
+        tail = read_backbone_trajectory(
+            os.path.join(run["dir"], "traj.dcd"), os.path.join(run["dir"], "topology.pdb"),
+            frame_spacing_ns=spacing, n_frames=run["frames"] - first, **common)
+        if tail.sequence != prefix.sequence:
+            raise TrajectoryError(f"{run['dir']}: the DCD's residues ({tail.sequence}) differ from prefix.npz's "
+                                  f"({prefix.sequence}); delete the run directory and restore it again.")
+        coords = np.concatenate([coords, tail.coords_nm], axis=0)
+    provenance.update(trajectory=os.path.abspath(os.path.join(run["dir"], "traj.dcd")),
+                      topology=os.path.abspath(os.path.join(run["dir"], "topology.pdb")), stride=1,
+                      prefix_frames=first)
+    from openmm_starmd.data import BackboneShard
+
+    return BackboneShard(coords_nm=coords, frame_spacing_ns=spacing, sequence=prefix.sequence,
+                         residue_index=prefix.residue_index, chain_index=prefix.chain_index,
+                         chain_ids=prefix.chain_ids, residue_mask=prefix.residue_mask,
+                         provenance=provenance, **common)
 
 
 def build(md_root: str, out_dir: str, manifest_path: str, plan_path: str | None = None,
-          atlas_dirs=(), min_frames: int = 2, log=print) -> dict:
-    """(Re)build shards for every run with at least ``min_frames`` checkpointed frames."""
+          atlas_dirs=(), min_frames: int = 2, log=print, state_root: str | None = None) -> dict:
+    """(Re)build shards for every run with at least ``min_frames`` checkpointed frames.
+
+    Shards of the old manifest whose run this machine does not have (a fresh clone) are kept
+    as they are. With ``state_root``, every run's restart files at exactly its shard's last frame
+    are exported there (``restore_md.export_state``), so a fresh clone resumes the MD exactly."""
     splits = _splits_from_plan(plan_path)
     os.makedirs(out_dir, exist_ok=True)
     old = {}
@@ -98,6 +138,7 @@ def build(md_root: str, out_dir: str, manifest_path: str, plan_path: str | None 
                             sha256=sha, complete=complete, source=source))
         log(f"  wrote {fname}: {shard.n_residues} residues, {shard.n_frames} frames")
 
+    seen = set()
     for run in find_runs(md_root):
         if run["frames"] < min_frames:
             continue
@@ -106,11 +147,25 @@ def build(md_root: str, out_dir: str, manifest_path: str, plan_path: str | None 
         if prev and prev["frames"] == run["frames"] and os.path.exists(os.path.join(base, prev["file"])):
             prev = dict(prev, split=splits.get(run["protein"], "train"), complete=run["complete"])
             entries.append(prev)
-            continue
-        try:
-            add(shard_from_run(run), os.path.relpath(run["dir"], base), run["complete"])
-        except TrajectoryError as exc:
-            log(f"  skipped {run['protein']}/r{run['replica']}: {exc}")
+            seen.add(key)
+        else:
+            try:
+                add(shard_from_run(run), os.path.relpath(run["dir"], base), run["complete"])
+                seen.add(key)
+            except TrajectoryError as exc:
+                log(f"  skipped {run['protein']}/r{run['replica']}: {exc}")
+                continue
+        if state_root is not None:
+            import restore_md
+
+            restore_md.export_state(run["dir"], run["checkpoint_text"],
+                                    os.path.join(state_root, run["protein"], f"r{run['replica']}"))
+    for key, prev in old.items():
+        # a shard whose MD is not on this machine (fresh clone, before restore_md.py) stays as it is
+        if key not in seen and os.path.exists(os.path.join(base, prev["file"])) and prev.get("source", "").startswith(
+                os.path.relpath(os.path.abspath(md_root), base)):
+            entries.append(dict(prev, split=splits.get(prev["protein"], "train")))
+            seen.add(key)
     for d in atlas_dirs:
         from openmm_starmd.data import read_atlas
 
@@ -261,6 +316,10 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=8, help="window length L used for the Δt range in --summary")
     p.add_argument("--min-window", type=int, default=4,
                    help="shortest training window (train.py --min-window), also shown in --summary")
+    p.add_argument("--state-root", default=None,
+                   help="where to export each run's restart files at its shard's last frame (committed, so a "
+                        "fresh clone resumes the MD exactly; training/restore_md.py); default training/md_state "
+                        "when --md-root is the default, else none")
     p.add_argument("--verify", action="store_true", help="load every shard and check its sha256")
     p.add_argument("--check-floor", action="store_true",
                    help="exit with status 3 unless the data meets the floor (FLOOR: 10 proteins x 4 ns, 3 test "
@@ -270,7 +329,11 @@ def main(argv=None) -> int:
         with open(args.manifest) as fh:
             manifest = json.load(fh)
     else:
-        manifest = build(args.md_root, args.out, args.manifest, args.plan, args.atlas, args.min_frames)
+        state_root = args.state_root
+        if state_root is None and os.path.abspath(args.md_root) == os.path.join(HERE, "md"):
+            state_root = os.path.join(HERE, "md_state")
+        manifest = build(args.md_root, args.out, args.manifest, args.plan, args.atlas, args.min_frames,
+                         state_root=state_root)
     if args.verify:
         base = os.path.dirname(os.path.abspath(args.manifest))
         for e in manifest["shards"]:

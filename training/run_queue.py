@@ -28,6 +28,7 @@ import datetime as _dt
 import json
 import os
 import sys
+import time
 import traceback
 import zlib
 
@@ -113,6 +114,14 @@ def claim(run_dir: str) -> bool:
                 return True
             if holder and _pid_alive(holder):
                 return False
+            if not holder:
+                # created but not written yet (another worker is between O_EXCL and its write),
+                # unless it has been empty for a while (a worker that died right there)
+                try:
+                    if time.time() - os.path.getmtime(lock) < 60:
+                        return False
+                except FileNotFoundError:
+                    continue
             try:  # a dead worker's lock: take it over
                 os.remove(lock)
             except FileNotFoundError:
@@ -141,11 +150,14 @@ def status_path_for(root: str, worker: str) -> str:
 
 
 def run_queue(plan_path: str, root: str, extra: list[str], max_jobs: int | None = None,
-              worker: str = "0") -> dict:
+              worker: str = "0", restore: tuple[str, str] | None = None) -> dict:
     """Run every job of the plan that is not finished yet. Returns the status dict.
 
     ``worker`` names this queue when several walk the same plan; failures recorded by any
-    worker are skipped by all.
+    worker are skipped by all. ``restore`` = (manifest path, committed-state root): before a
+    trajectory's first job on this machine, its run directory is restored from the committed
+    shard and state (``restore_md.ensure_run_dir``), so a fresh clone continues the MD instead
+    of starting it again.
     """
     plan = load_plan(plan_path)
     os.makedirs(root, exist_ok=True)
@@ -175,8 +187,20 @@ def run_queue(plan_path: str, root: str, extra: list[str], max_jobs: int | None 
         if not claim(run_dir):
             continue  # another worker is growing this trajectory
         try:
+            if restore is not None:
+                import restore_md
+
+                try:
+                    what = restore_md.ensure_run_dir(run_dir, job_args(plan, name, r, target, root, extra), name,
+                                                     r, restore[0], restore[1], log=_log)
+                except Exception as exc:  # e.g. the structure changed: skip this trajectory, go on
+                    _log(f"{key} RESTORE FAILED: {exc}\n{traceback.format_exc()}")
+                    status["failed"][key] = f"restore: {type(exc).__name__}: {exc}"
+                    continue
+                if what in ("exact", "reconstructed"):
+                    _log(f"{key}: restored ({what}) at frame {simulate.read_checkpoint_frames(run_dir)}")
             if simulate.read_checkpoint_frames(run_dir) >= round(target * 1000 / frame_ps):
-                continue  # finished by another worker between the check and the claim
+                continue  # finished by another worker between the check and the claim, or restored
             _log(f"stage {si} {key} -> {target} ns (worker {worker})")
             status.update(current=key, target_ns=target, stage=si)
             simulate._atomic_write_json(status_path, status)
@@ -208,6 +232,10 @@ def main(argv=None) -> int:
     p.add_argument("--worker", default="0",
                    help="name of this queue when several walk the same plan (one per core or GPU); "
                         "trajectories are claimed with lock files, so workers never share one")
+    p.add_argument("--manifest", default=None,
+                   help="manifest whose shards a fresh machine continues (restore_md.py); default "
+                        "training/data/manifest.json when --root is the default, else none")
+    p.add_argument("--state-root", default=None, help="committed MD state (default training/md_state)")
     args, extra = p.parse_known_args(argv)
     if args.list:
         plan = load_plan(args.plan)
@@ -215,7 +243,12 @@ def main(argv=None) -> int:
             print(si, f"{name}/r{r}", target)
         return 0
     # Anything not recognised here goes to simulate.py (e.g. --threads 1 --platform CPU).
-    run_queue(args.plan, args.root, extra, args.max_jobs, args.worker)
+    manifest, state_root = args.manifest, args.state_root
+    if os.path.abspath(args.root) == DEFAULT_ROOT:
+        manifest = manifest or os.path.join(HERE, "data", "manifest.json")
+        state_root = state_root or os.path.join(HERE, "md_state")
+    restore = (manifest, state_root or os.path.join(HERE, "md_state")) if manifest else None
+    run_queue(args.plan, args.root, extra, args.max_jobs, args.worker, restore=restore)
     return 0
 
 

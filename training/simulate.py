@@ -12,7 +12,9 @@ Output directory (``training/md/<protein>/r<k>/`` by convention)::
     system.xml       the serialised System (so a resume simulates exactly the same Hamiltonian)
     start.pdb        all atoms at the start of production (the resume topology)
     topology.pdb     the atoms stored in traj.dcd (protein only), for mdtraj
-    traj.dcd         production frames; frame k is at time (k + 1) * frame_ps
+    traj.dcd         production frames; frame k is at time (k + 1) * frame_ps (a run restored on
+                     a new machine by restore_md.py keeps frames before record["dcd_first_frame"]
+                     in prefix.npz, and its DCD starts there)
     checkpoint.json  {"frames": n, "step": s, "state_xml": ...}: the last consistent point
     done             written when the requested length is reached
 
@@ -342,15 +344,22 @@ def run(args) -> int:
 
     dcd_path = os.path.join(out, "traj.dcd")
     dt_ps = args.step_fs / 1000.0
-    if frames == 0 or not os.path.exists(dcd_path):
-        if frames > 0:
+    # A restored run (training/restore_md.py) keeps its first frames in prefix.npz; its DCD starts
+    # at frame dcd_first_frame.
+    first = int(record.get("dcd_first_frame", 0))
+    if frames < first:
+        raise SimulationSetupError(f"{out}: checkpoint at frame {frames} is before the DCD's first frame {first}; "
+                                   "delete the run directory and restore it again (training/restore_md.py).")
+    first_step = (first + 1) * steps_per_frame
+    if frames == first or not os.path.exists(dcd_path):
+        if frames > first:
             raise SimulationSetupError(f"{dcd_path}: missing although the checkpoint has {frames} frames; delete {out} and restart.")
         fh = open(dcd_path, "w+b")
-        dcd = app.DCDFile(fh, sub_top, dt_ps * u.picosecond, firstStep=steps_per_frame, interval=steps_per_frame)
+        dcd = app.DCDFile(fh, sub_top, dt_ps * u.picosecond, firstStep=first_step, interval=steps_per_frame)
     else:
-        truncate_dcd(dcd_path, frames, steps_per_frame, steps_per_frame)
+        truncate_dcd(dcd_path, frames - first, first_step, steps_per_frame)
         fh = open(dcd_path, "r+b")
-        dcd = app.DCDFile(fh, sub_top, dt_ps * u.picosecond, firstStep=steps_per_frame,
+        dcd = app.DCDFile(fh, sub_top, dt_ps * u.picosecond, firstStep=first_step,
                           interval=steps_per_frame, append=True)
 
     from tqdm import tqdm
