@@ -24,6 +24,7 @@ prepare = load_training_module("prepare")
 restore_md = load_training_module("restore_md")
 simulate = load_training_module("simulate")
 run_queue = load_training_module("run_queue")
+junction_check = load_training_module("junction_check")
 
 
 def _args(pdb, out):
@@ -123,6 +124,28 @@ def test_reconstructed_restore_keeps_backbone_and_records_restart(exported, tmp_
     # the first frame after the restart is one ordinary 0.2-ps step away, not a jump
     step = np.sqrt(np.mean(np.sum((shard.coords_nm[24, :, 1] - shard.coords_nm[23, :, 1]) ** 2, -1)))
     assert step < 0.05
+    # junction_check counts exactly the pairs that span frame 24, and plots them
+    (row,) = junction_check.junction_stats(shard.coords_nm, shard.residue_mask, [24], [1])
+    assert (row["n_spanning"], row["n_ordinary"]) == (1, 26)
+    (row3,) = junction_check.junction_stats(shard.coords_nm, shard.residue_mask, [24], [3])
+    assert (row3["n_spanning"], row3["n_ordinary"]) == (3, 22)
+    assert junction_check.main(["--manifest", str(tmp_path / "data" / "manifest.json"), "--lags", "1", "3",
+                                "--png", str(tmp_path / "j.png")]) == 0
+    assert (tmp_path / "j.png").stat().st_size > 10_000
+
+
+def test_superposed_rmsd_ignores_rotation_and_translation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 20, 3))
+    b = a + rng.normal(scale=0.1, size=a.shape)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.linalg.det(q))
+    moved = b @ q.T + np.array([1.0, -2.0, 0.5])
+    np.testing.assert_allclose(junction_check.superposed_rmsd(a, moved), junction_check.superposed_rmsd(a, b), atol=1e-9)
+    np.testing.assert_allclose(junction_check.superposed_rmsd(a, a @ q.T), 0.0, atol=1e-6)
+    # and never below the true optimum's neighbourhood: unaligned RMSD is an upper bound
+    raw = np.sqrt(np.mean(np.sum((a - b) ** 2, -1), -1))
+    assert np.all(junction_check.superposed_rmsd(a, b) <= raw + 1e-12)
 
 
 def test_fresh_clone_keeps_shards_it_has_no_md_for(exported, tmp_path):
