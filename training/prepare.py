@@ -248,9 +248,10 @@ def floor_status(manifest: dict, floor: dict | None = None) -> dict:
     -------
     dict
         ``met`` (bool); ``counted`` (names of proteins that count); ``test_counted``; ``missing_ns``,
-        the MD still to run for the proteins of the manifest to count (every short trajectory to
-        ``min_ns``, missing test replicas from scratch), plus ``min_ns`` per replica of each protein
-        still lacking (ns, assuming one replica each, ``test_replicas`` for missing test proteins);
+        the least MD still to run to meet the floor: the ``test_proteins`` test proteins closest to
+        counting (short trajectories to ``min_ns``, missing replicas from scratch) plus the other
+        proteins closest to counting, up to ``proteins``, where a protein not in the manifest
+        costs ``min_ns`` per replica it needs (proteins beyond the floor's number cost nothing);
         ``problems``: proteins that cannot count as they are (residues or spacing), with the reason.
     """
     f = dict(FLOOR, **(floor or {}))
@@ -259,7 +260,7 @@ def floor_status(manifest: dict, floor: dict | None = None) -> dict:
     for e in manifest["shards"]:
         by_protein.setdefault(e["protein"], []).append(e)
     counted, test_counted, problems = [], [], {}
-    missing = 0.0
+    short_test, short_other = [], []
     for name, shards in sorted(by_protein.items()):
         split = shards[0]["split"]
         res = shards[0]["residues"]
@@ -272,15 +273,18 @@ def floor_status(manifest: dict, floor: dict | None = None) -> dict:
         need = f["test_replicas"] if split == "test" else 1
         short = sum(max(0.0, f["min_ns"] - e["total_ns"]) for e in shards)
         short += max(0, need - len(shards)) * f["min_ns"]
-        missing += short
+        (short_test if split == "test" else short_other).append(short)
         if short <= tol:
             counted.append(name)
             if split == "test":
                 test_counted.append(name)
-    n_test = sum(1 for s in by_protein.values() if s[0]["split"] == "test" and s[0]["protein"] not in problems)
-    missing += max(0, f["test_proteins"] - n_test) * f["test_replicas"] * f["min_ns"]
-    usable = len(by_protein) - len(problems) + max(0, f["test_proteins"] - n_test)
-    missing += max(0, f["proteins"] - usable) * f["min_ns"]
+    # cheapest way there: the test proteins closest to counting (new ones from scratch), then
+    # the closest of all the rest (new ones at min_ns each)
+    # (a real test protein never costs more than a new one, test_replicas * min_ns)
+    short_test = sorted(short_test)
+    chosen = (short_test + [f["test_replicas"] * f["min_ns"]] * f["test_proteins"])[:f["test_proteins"]]
+    rest = sorted(short_test[f["test_proteins"]:] + short_other + [f["min_ns"]] * f["proteins"])
+    missing = float(sum(chosen) + sum(rest[:max(0, f["proteins"] - f["test_proteins"])]))
     met = len(counted) >= f["proteins"] and len(test_counted) >= f["test_proteins"]
     return {"met": met, "counted": counted, "test_counted": test_counted, "missing_ns": missing,
             "problems": problems, "floor": f}

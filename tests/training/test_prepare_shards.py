@@ -135,6 +135,10 @@ def test_floor_status_counts_what_the_data_issue_asks_for():
     odd = prepare.floor_status(_floor_manifest({("p6", 0): dict(residues=120), ("p7", 0): dict(spacing_ns=0.1)}))
     assert not odd["met"] and set(odd["problems"]) == {"p6", "p7"}
     assert odd["missing_ns"] == pytest.approx(2 * 4.0)  # two more proteins of 4 ns are needed
+    # an 11th protein far from counting adds nothing: the floor needs 10 proteins, the closest ones
+    extra = _floor_manifest({("p5", 0): dict(total_ns=2.5, frames=250)})
+    extra["shards"].append(dict(extra["shards"][-1], protein="p_new", split="train", total_ns=0.7, frames=70))
+    assert prepare.floor_status(extra)["missing_ns"] == pytest.approx(1.5)  # p5 only, not p_new's 3.3
     line = prepare.floor_line(odd)
     assert "p6 cannot count: 120 residues" in line and "p7 cannot count: frame spacing [0.1] ns" in line
 
