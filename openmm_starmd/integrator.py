@@ -178,7 +178,7 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         Full sampling configuration; default: the one saved with the model, else the defaults.
         ``diffusion_steps`` and ``window`` override its fields.
     backmap_options : dict, optional
-        Extra keyword arguments for :class:`openmm_starmd.backmap.Backmapper` (``restrain``,
+        Extra keyword arguments for :class:`openmm_starmd.backmap.Backmapper` (``restrain``, ``hold``,
         ``restraint_k``, ``max_iterations``, ``tolerance``, ``deterministic``).
     keep_disulfides : bool
         Keep the Cα–Cα distance of every disulfide of the Topology (SG–SG bonds) within

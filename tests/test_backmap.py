@@ -127,6 +127,25 @@ def test_nmr_conformations_backmap_cleanly_and_leave_user_objects_alone(fragment
     assert np.array_equal(np.asarray(before), np.asarray(after))
 
 
+def test_fixed_hold_keeps_the_generated_ca_exactly(fragment, nmr_targets):
+    """hold="fix": Cα end on the generated frame origins (to the ~1e-5 nm the X-H constraints
+    move them), where harmonic restraints let them give way; bonds still repaired."""
+    fixed = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, hold="fix", platform="CPU")
+    soft = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, platform="CPU",
+                      restraint_k=1e3)
+    for target in nmr_targets:
+        x = fixed.backmap(fragment.positions_nm, fragment.frames, target).positions_nm
+        dev = np.linalg.norm(x[fragment.backbone_atoms[:, 1]] - target.trans.numpy(), axis=-1)
+        assert dev.max() < 1e-4
+        bonds = _peptide_bonds_a(x, fragment.backbone_atoms)
+        assert bonds.min() > PEPTIDE_MIN_A and bonds.max() < PEPTIDE_MAX_A
+        y = soft.backmap(fragment.positions_nm, fragment.frames, target).positions_nm
+        assert np.linalg.norm(y[fragment.backbone_atoms[:, 1]] - target.trans.numpy(), axis=-1).max() > 1e-3
+        for k in range(fragment.system.getNumConstraints()):
+            a, b, length = fragment.system.getConstraintParameters(k)
+            assert np.linalg.norm(x[a] - x[b]) == pytest.approx(length.value_in_unit(unit.nanometer), rel=1e-5)
+
+
 def test_system_mode_energy_is_the_full_system_energy(fragment, nmr_targets):
     backmapper = Backmapper(
         fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="system", restrain="backbone",
