@@ -18,6 +18,9 @@ that are multiples of s with (L - 1) Δt within its length, so per example we:
    padded at the end with copies of their last frame and ``frame_mask = False``; block-causal
    attention never lets a real frame see a later one, so padding changes nothing but the loss
    weight, and the loss skips padded frames;
+   A trajectory with reconstructed restarts (``training/restore_md.py``: side chains rebuilt on
+   its backbone at that frame) serves windows below ``RESTART_MIN_DT_NS`` (1 ns) only from the
+   stretches between restarts, since the step across one is measurably larger at 10-100 ps;
 4. crop chains longer than ``max_residues`` to a contiguous random window of residues (the
    paper trains on ATLAS chains cropped to a residue budget; contiguous crops keep the chain
    geometry intact);
@@ -45,7 +48,7 @@ import numpy as np
 
 from openmm_starmd.data import BackboneShard, TrajectoryError, load_shard
 
-__all__ = ["WindowSampler", "load_split", "fit_window"]
+__all__ = ["WindowSampler", "load_split", "fit_window", "restart_segments", "RESTART_MIN_DT_NS"]
 
 
 def fit_window(coords_nm: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -95,10 +98,29 @@ def load_split(manifest_path: str, split: Optional[str] = None, verify: bool = T
     return shards
 
 
+#: Windows with frames closer than this (ns) never span a reconstructed restart of a trajectory
+#: (training/restore_md.py). training/junction_check.py on the first 14 restarts (2026-11-26):
+#: the 10-ps step across a restart sat at the 84th-99th percentile of the trajectory's ordinary
+#: steps (0.3-0.7 Å larger) and the 0.1-ns step at the 48th-95th, while at 1 ns it was typical
+#: (11th-56th, one of four at 98th); windows at Δt >= 1 ns may span a restart.
+RESTART_MIN_DT_NS = 1.0
+
+
+def restart_segments(shard: BackboneShard) -> Optional[list]:
+    """[(first, end), ...] frame ranges between the shard's reconstructed restarts (its
+    provenance ``restarts``), or None when it has none."""
+    cuts = sorted({int(r["frame"]) for r in shard.provenance.get("restarts", []) if 0 < int(r["frame"]) < shard.n_frames})
+    if not cuts:
+        return None
+    bounds = [0] + cuts + [shard.n_frames]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 @dataclass
 class _Traj:
     shard: BackboneShard
     max_stride: int  # largest stride k with (L - 1) k <= F - 1
+    segments: Optional[list] = None  # restart_segments(shard)
 
 
 class WindowSampler:
@@ -118,6 +140,9 @@ class WindowSampler:
         Residue budget; longer chains are cropped to a contiguous random window.
     seed : int
         Seed of the sampler's generator.
+    restart_min_dt_ns : float
+        Windows at Δt below this never span a reconstructed restart of a trajectory
+        (:data:`RESTART_MIN_DT_NS`); they are drawn uniformly from the stretches between restarts.
 
     Raises
     ------
@@ -127,7 +152,7 @@ class WindowSampler:
 
     def __init__(self, shards: Sequence[BackboneShard], window: int, dt_range_ns=(0.01, 10.0),
                  max_residues: Optional[int] = None, seed: int = 0, fit: bool = True,
-                 min_window: Optional[int] = None):
+                 min_window: Optional[int] = None, restart_min_dt_ns: float = RESTART_MIN_DT_NS):
         if window < 2:
             raise ValueError(f"window={window}: a window needs at least 2 frames; pass window >= 2.")
         self.window = int(window)
@@ -138,6 +163,7 @@ class WindowSampler:
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"dt_range_ns={dt_range_ns}: need 0 < min <= max.")
         self.max_residues = max_residues
+        self.restart_min_dt_ns = float(restart_min_dt_ns)
         self.fit = bool(fit)
         self.rng = np.random.default_rng(seed)
         self.by_protein: dict[str, list[_Traj]] = {}
@@ -154,7 +180,7 @@ class WindowSampler:
                     f"shard {sh.name!r} r{sh.replica}: supports no Δt in [{self.dt_min}, {self.dt_max}] ns for a "
                     f"window of {self.min_window} (spacing {sh.frame_spacing_ns} ns, {sh.n_frames} frames); "
                     "use a shorter window or a longer trajectory.")
-            self.by_protein.setdefault(sh.name, []).append(_Traj(sh, k_max))
+            self.by_protein.setdefault(sh.name, []).append(_Traj(sh, k_max, restart_segments(sh)))
         if not self.by_protein:
             raise TrajectoryError("WindowSampler got no shards; pass at least one BackboneShard.")
         self.proteins = sorted(self.by_protein)
@@ -173,6 +199,26 @@ class WindowSampler:
         dt = math.exp(self.rng.uniform(math.log(lo), math.log(hi)))
         return int(min(max(1, round(dt / s)), t.max_stride))
 
+    def _within_segment(self, t: _Traj, k: int) -> tuple[int, int, int]:
+        """(stride, start, frames) of a window at stride ≤ k inside one stretch between restarts,
+        uniform over all such windows; k shrinks only if no stretch holds ``min_window`` frames."""
+        longest = max(b - a for a, b in t.segments)
+        k = max(1, min(k, (longest - 1) // (self.min_window - 1)))
+        fits = []
+        for a, b in t.segments:
+            nf = min(self.window, (b - a - 1) // k + 1)
+            if nf >= self.min_window:
+                fits.append((a, nf, b - a - (nf - 1) * k))  # first frame, frames, number of starts
+        if not fits:  # every stretch shorter than min_window frames: nothing restart-free exists
+            n_frames = min(self.window, (t.shard.n_frames - 1) // k + 1)
+            return k, int(self.rng.integers(t.shard.n_frames - (n_frames - 1) * k)), n_frames
+        pick = int(self.rng.integers(sum(f[2] for f in fits)))
+        for a, nf, n_starts in fits:
+            if pick < n_starts:
+                return k, a + pick, nf
+            pick -= n_starts
+        raise AssertionError("unreachable")
+
     def sample_one(self) -> dict:
         """One example: coords (L', N, 4, 3) nm with min_window ≤ L' ≤ window, aatype, residue/chain
         index, mask, dt_ns, names."""
@@ -181,9 +227,12 @@ class WindowSampler:
         t = trajs[self.rng.integers(len(trajs))]
         sh = t.shard
         k = self._draw_stride(t)
-        n_frames = min(self.window, (sh.n_frames - 1) // k + 1)
-        span = (n_frames - 1) * k
-        start = int(self.rng.integers(sh.n_frames - span))
+        if t.segments is not None and k * sh.frame_spacing_ns < self.restart_min_dt_ns - 1e-9:
+            k, start, n_frames = self._within_segment(t, k)
+        else:
+            n_frames = min(self.window, (sh.n_frames - 1) // k + 1)
+            span = (n_frames - 1) * k
+            start = int(self.rng.integers(sh.n_frames - span))
         frames = start + k * np.arange(n_frames)
         n = sh.n_residues
         r0, r1 = 0, n

@@ -203,3 +203,43 @@ def test_min_window_serves_larger_dt_with_fewer_frames_and_pads_them():
 def test_full_windows_have_an_all_true_frame_mask():
     batch = data.WindowSampler([_shard("p", 300, 5)], window=5, seed=0).sample(6)
     assert batch["frame_mask"].all() and batch["frame_mask"].shape == (6, 5)
+
+
+def test_short_dt_windows_never_span_a_reconstructed_restart():
+    """A restart at frame 300 of 400 (as training/restore_md.py records it): windows below
+    RESTART_MIN_DT_NS stay on one side, from both sides in proportion to their starts; windows at
+    Δt ≥ 1 ns may span it; a shard without restarts is sampled exactly as before."""
+    plain = _shard("p", 400, 6)
+    marked = _shard("p", 400, 6)
+    marked.provenance = {"restarts": [{"frame": 300, "kind": "reconstructed"}]}
+    assert data.restart_segments(marked) == [(0, 300), (300, 400)] and data.restart_segments(plain) is None
+    s = data.WindowSampler([marked], window=8, min_window=4, seed=3, fit=False)
+    sides, spanning_long, short = [], 0, 0
+    for _ in range(3000):
+        ex = s.sample_one()
+        frames = ex["coords_nm"][:, 0, 0, 0][ex["frame_mask"]] if "frame_mask" in ex else ex["coords_nm"][:, 0, 0, 0]
+        spans = frames.min() < 300 <= frames.max()
+        if float(ex["dt_ns"]) < data.RESTART_MIN_DT_NS - 1e-9:
+            short += 1
+            assert not spans, (frames, ex["dt_ns"])
+            if round(float(ex["dt_ns"]) / 0.01) == 1:
+                sides.append(frames[0] >= 300)
+        else:
+            spanning_long += spans
+    assert short > 2000 and spanning_long > 0
+    # stride 1, 8 frames: 293 starts before the restart, 93 after
+    assert np.mean(sides) == pytest.approx(93 / (93 + 293), abs=0.06)
+    # no restarts: identical draws to a sampler that never heard of them
+    a = data.WindowSampler([plain], window=8, min_window=4, seed=5, fit=False)
+    b = data.WindowSampler([plain], window=8, min_window=4, seed=5, fit=False, restart_min_dt_ns=0.0)
+    for _ in range(50):
+        np.testing.assert_array_equal(a.sample_one()["coords_nm"], b.sample_one()["coords_nm"])
+
+
+def test_restart_free_window_shrinks_stride_only_when_no_stretch_is_long_enough():
+    sh = _shard("p", 400, 6)
+    sh.provenance = {"restarts": [{"frame": 250}]}
+    s = data.WindowSampler([sh], window=4, min_window=4, seed=0, fit=False)
+    t = s.by_protein["p"][0]
+    k, start, n = s._within_segment(t, 99)  # 4 frames at stride 99 need 298 frames: longest stretch is 250
+    assert k == 83 and n == 4 and start + 3 * k < 250
