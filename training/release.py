@@ -27,7 +27,14 @@ Every step runs as a subprocess with ``OMP_NUM_THREADS=1`` and its own log ``OUT
 command skips the steps recorded as done whose outputs exist, resumes the training runs from their
 checkpoints (``--resume auto``) and the long-horizon runs from their state files, and reruns
 whatever failed or was cut off. A release started on one manifest is not continued on another
-(the trajectories grew in between): the message says to start a new ``--out``.
+(the trajectories grew in between): the message says to start a new ``--out``. A step counts as
+done only while its outputs have the sha256 recorded when it ended.
+
+Across machines (every session of ours starts on a fresh clone, with ``training/runs/`` empty):
+``release.py --save`` packs OUT (records, logs, training checkpoints, outputs; ~10-20 MB) into
+``training/release_state/<OUT name>.tar.gz`` to commit; the release command on a clone whose OUT
+has no ``release.json`` unpacks it first and goes on. The bundled model a cut-off release
+exported is not trusted unless committed: its sha256 must match the record, else export reruns.
 
 The MD queue should be stopped while this runs (``touch training/md/STOP``): both cores are used.
 """
@@ -91,10 +98,14 @@ def _shown(path: str) -> str:
 
 
 def _chosen(out: str) -> tuple[str, float]:
-    """(training run directory, t_min) of select.json's pick."""
+    """(training run directory, t_min) of select.json's pick (found in ``out`` by its name when
+    the release was restored to another path)."""
     with open(os.path.join(out, "select.json")) as fh:
         chosen = json.load(fh)["chosen"]
-    return os.path.dirname(os.path.abspath(chosen["model"])), float(chosen["t_min"])
+    run = os.path.dirname(os.path.abspath(chosen["model"]))
+    if not os.path.isdir(run):
+        run = os.path.join(out, os.path.basename(run))
+    return run, float(chosen["t_min"])
 
 
 def plan(args) -> list[Step]:
@@ -190,8 +201,78 @@ def save_state(path: str, state: dict) -> None:
 
 
 def is_done(step: Step, state: dict) -> bool:
+    """Recorded as a success, its outputs exist, and those outside OUT (the bundled model) have the
+    sha256 recorded when it ended: on a fresh clone the bundled model is the committed one, not
+    the one a cut-off release exported. (Outputs inside OUT may be rewritten by later steps, e.g.
+    long_horizon.json by the 10 μs continuation, and travel with OUT anyway.)"""
     rec = state["steps"].get(step.name)
-    return bool(rec and rec.get("rc") == 0 and all(os.path.exists(p) for p in step.outputs))
+    if not (rec and rec.get("rc") == 0 and all(os.path.exists(p) for p in step.outputs)):
+        return False
+    recorded = rec.get("output_sha256", {})
+    return all(sha256_file(p) == recorded[_shown(p)] for p in step.outputs if _shown(p) in recorded)
+
+
+def _output_digests(step: Step, out: str) -> dict:
+    inside = os.path.abspath(out) + os.sep
+    return {_shown(p): sha256_file(p) for p in step.outputs
+            if os.path.isfile(p) and not os.path.abspath(p).startswith(inside)}
+
+
+# ------------------------------------------------------------------ state across machines
+#: Committed copies of unfinished releases (``--save``): every session of ours starts on a fresh
+#: clone, where training/runs/ is empty.
+DEFAULT_STATE_DIR = os.path.join(HERE, "release_state")
+#: Files larger than this are left out of a saved release (none of its outputs come close).
+SAVE_MAX_BYTES = 50 * 1024 * 1024
+
+
+def saved_path(out: str, state_dir: str) -> str:
+    return os.path.join(state_dir, os.path.basename(os.path.abspath(out)) + ".tar.gz")
+
+
+def save_release(out: str, state_dir: str) -> str:
+    """Pack ``out`` (records, logs, training checkpoints, outputs) into ``state_dir`` to commit,
+    so the release continues on another machine. Returns the archive's path."""
+    import tarfile
+
+    if not os.path.exists(os.path.join(out, "release.json")):
+        raise ReleaseError(f"{out}: no release.json, nothing to save; run the release first.")
+    os.makedirs(state_dir, exist_ok=True)
+    path = saved_path(out, state_dir)
+    left_out = []
+
+    def keep(info):
+        if info.isfile() and info.size > SAVE_MAX_BYTES:
+            left_out.append(info.name)
+            return None
+        if info.name.endswith(".tmp"):
+            return None
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        return info
+
+    tmp = path + ".tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for name in sorted(os.listdir(out)):
+            tar.add(os.path.join(out, name), arcname=name, filter=keep)
+    os.replace(tmp, path)
+    print(f"saved {out} to {_shown(path)} ({os.path.getsize(path) / 1e6:.1f} MB)"
+          + (f"; left out (over {SAVE_MAX_BYTES >> 20} MB): {left_out}" if left_out else "")
+          + "; commit it, and the same release command continues on a fresh clone.", flush=True)
+    return path
+
+
+def restore_release(out: str, state_dir: str) -> bool:
+    """Unpack a saved release into ``out`` when ``out`` has none. Returns True if it did."""
+    import tarfile
+
+    path = saved_path(out, state_dir)
+    if os.path.exists(os.path.join(out, "release.json")) or not os.path.exists(path):
+        return False
+    os.makedirs(out, exist_ok=True)
+    with tarfile.open(path, "r:gz") as tar:
+        tar.extractall(out, filter="data")
+    print(f"[{_now()}] restored the saved release {_shown(path)} into {out}", flush=True)
+    return True
 
 
 def check_manifest(state: dict, manifest: str, out: str) -> None:
@@ -226,6 +307,7 @@ def select_until(steps: list[Step], until: str | None) -> list[Step]:
 
 
 def run(args) -> int:
+    restore_release(args.out, args.state_dir)
     steps = select_until(plan(args), args.until)
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     state_path = os.path.join(args.out, "release.json")
@@ -303,6 +385,8 @@ def run(args) -> int:
                 missing = [p for p in by_name[name].outputs if not os.path.exists(p)]
                 print(f"[{_now()}] {name}: exit 0 but {missing} missing; see {rec['log']}", flush=True)
             else:
+                rec["output_sha256"] = _output_digests(by_name[name], args.out)
+                save_state(state_path, state)
                 print(f"[{_now()}] {name}: done", flush=True)
     if failed:
         print(f"release stopped with {len(failed)} step(s) not done: {', '.join(sorted(failed))}; fix the cause and "
@@ -339,6 +423,10 @@ def main(argv=None) -> int:
                    help="run only STEP and the steps it needs (e.g. --until export: train, select and export now, "
                         "the evaluations later)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and which steps are done, run nothing")
+    p.add_argument("--save", action="store_true",
+                   help="pack OUT into --state-dir to commit (a session ending mid-release); the release command "
+                        "restores it on a clone whose OUT is empty")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where --save puts, and a run looks for, saved releases")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)
     args.manifest = os.path.abspath(args.manifest)
@@ -346,7 +434,11 @@ def main(argv=None) -> int:
     if not args.rehearsal and (args.steps or args.frames != SELECT_FRAMES):
         p.error("--steps and --frames change the procedure; they are for --rehearsal runs only.")
     try:
+        if args.save:
+            save_release(args.out, args.state_dir)
+            return 0
         if args.dry_run:
+            restore_release(args.out, args.state_dir)
             return dry_run(args)
         return run(args)
     except ReleaseError as exc:

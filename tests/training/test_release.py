@@ -136,3 +136,32 @@ def test_options_that_change_the_procedure_need_rehearsal(capsys):
     with pytest.raises(SystemExit):
         release.main(["--steps", "2", "--dry-run"])
     assert "--rehearsal" in capsys.readouterr().err
+
+
+def test_a_saved_release_continues_on_a_fresh_clone(rehearsal, tmp_path):
+    """--save packs OUT; a run whose OUT is empty (a fresh clone) unpacks it and skips what is done."""
+    state_dir = tmp_path / "state"
+    _release("--save", "--out", rehearsal["out"], "--state-dir", state_dir)
+    saved = state_dir / "rel.tar.gz"
+    assert saved.exists() and saved.stat().st_size > 10_000
+    fresh = tmp_path / "clone" / "rel"  # same name, another machine's path
+    args = [a if a != rehearsal["out"] else fresh for a in rehearsal["args"]] + ["--state-dir", state_dir]
+    again = _release(*args)
+    assert "restored the saved release" in again.stdout
+    assert again.stdout.count("done earlier, skipped") == 4
+    assert (fresh / "a" / "checkpoint.pt").exists() and (fresh / "default.pt").exists()
+
+
+def test_an_exported_bundled_model_that_did_not_land_is_exported_again(tmp_path):
+    """The export step's output outside OUT (the bundled model) counts only with its recorded sha256."""
+    target = tmp_path / "bundled.pt"
+    target.write_bytes(b"exported by the release")
+    step = release.Step("export", ["x"], [str(target)])
+    state = {"steps": {"export": {"rc": 0, "output_sha256": release._output_digests(step, str(tmp_path / "out"))}}}
+    assert release.is_done(step, state)
+    target.write_bytes(b"the committed model of a fresh clone")
+    assert not release.is_done(step, state)
+    inside = tmp_path / "out" / "select.json"  # outputs inside OUT are not pinned
+    inside.parent.mkdir()
+    inside.write_text("{}")
+    assert release._output_digests(release.Step("select", ["x"], [str(inside)]), str(tmp_path / "out")) == {}
