@@ -15,7 +15,10 @@ structure that OpenMM reporters can write is our choice, made here:
    ``hold="fix"`` instead holds them exactly (massless in the minimiser's copy): the generated Cα
    trace survives to 1e-5 nm, but the rest of the backbone must fit around it, and on the bundled
    model's frames more peptide bonds then end beyond 1.40 Å (``benchmarks/backmap_hold.py``); the
-   default restraints let Cα give way by 0.3-0.5 Å where the frames are strained.
+   default restraints let Cα give way by 0.3-0.5 Å where the frames are strained. When that
+   breaks the Cα trace (a consecutive pair beyond 4.19 Å or a Cα clash the generated frames do not
+   have), the frame is minimised again with Cα fixed (``repair_ca``, on by default), so the
+   backmapped Cα trace is as valid as the generated one.
 
 The minimisation runs on a private Context built once: a copy of the user's System
 (``XmlSerializer`` round trip, so the user's System and Context are never touched) plus a
@@ -110,6 +113,10 @@ MIN_ATOM_DISTANCE_NM = 0.03
 #: over 6 sigma and ~45 kJ/mol of bond strain): the generated frames pulled the two cysteines
 #: apart further than the restrained minimisation can close.
 MAX_DISULFIDE_NM = 0.23
+#: Cα validity criteria (as in :mod:`openmm_starmd.analysis.validity`), nm: a consecutive pair
+#: beyond CA_BREAK_NM is a break, two other Cα closer than CA_CLASH_NM a clash.
+CA_BREAK_NM = 0.419
+CA_CLASH_NM = 0.30
 #: Sulfur's mass (Da), to find S-S bonds in a System without its Topology.
 _SULFUR_DA = 32.06
 
@@ -415,6 +422,11 @@ class Backmapper:
         minimisation (massless in the private copy, which OpenMM's minimiser holds fixed), so
         the backmapped structure keeps the generated Cα trace (and a Cα projection's guarantees)
         to within the ~1e-5 nm that re-imposing X–H constraints moves them.
+    repair_ca : bool
+        With ``hold="restrain"``: a frame whose minimisation leaves a Cα break (consecutive Cα
+        beyond 4.19 Å) or clash (two Cα within 3.0 Å) that the generated frames do not have is
+        minimised again from its transported positions with ``hold="fix"``; counted in
+        ``ca_repaired_frames``. The backmapped Cα trace is then as valid as the generated one.
     restraint_k : openmm.unit.Quantity or float
         Force constant of the harmonic restraints (kJ/mol/nm² if a bare number). The default,
         1e5 kJ/mol/nm² (10 kJ/mol per 0.1 Å²), kept Cα within 0.03-0.09 Å of their targets for
@@ -446,6 +458,7 @@ class Backmapper:
         mode: str = "vacuum",
         restrain: str = "CA",
         hold: str = "restrain",
+        repair_ca: bool = True,
         restraint_k=1.0e5 * unit.kilojoule_per_mole / unit.nanometer**2,
         max_iterations: int = 200,
         tolerance=10.0 * unit.kilojoule_per_mole / unit.nanometer,
@@ -460,6 +473,10 @@ class Backmapper:
         if hold not in ("restrain", "fix"):
             raise ValueError(f"hold={hold!r} is not known; use 'restrain' or 'fix'.")
         self.hold = hold
+        self.repair_ca = bool(repair_ca)
+        #: frames whose restrained minimisation broke the generated Cα trace and were minimised
+        #: again with Cα fixed (``repair_ca``)
+        self.ca_repaired_frames = 0
         self.atom_residue = np.asarray(atom_residue, dtype=np.int64)
         self.backbone_atoms = np.asarray(backbone_atoms, dtype=np.int64)
         if self.atom_residue.shape != (system.getNumParticles(),):
@@ -499,8 +516,7 @@ class Backmapper:
         # origins, N and C targets their transported positions.
         cols = [1] if restrain == "CA" else [0, 1, 2]
         self._restrained = self.backbone_atoms[:, cols]  # (N, n_r)
-        self._min_context = None
-        self._restraint = None
+        self._min_contexts: dict = {}  # hold -> (Context, restraint force)
         self._energy_context = None
         self._constraint_context = None
         self._targets = None  # (n_restrained, 3) nm, of the latest backmap
@@ -530,8 +546,10 @@ class Backmapper:
             return openmm.Context(system, integrator, platform, properties)
         return openmm.Context(system, integrator, platform)
 
-    def _minimisation_context(self) -> openmm.Context:
-        if self._min_context is None:
+    def _minimisation_context(self, hold: str) -> openmm.Context:
+        """The private minimisation Context for ``hold`` (built once each); its restraint targets
+        are set to the latest frame's."""
+        if hold not in self._min_contexts:
             system = openmm.XmlSerializer.deserialize(self._system_xml)
             if self.mode == "vacuum":
                 system = without_implicit_solvent(system)
@@ -545,12 +563,16 @@ class Backmapper:
                 force.addPerParticleParameter(name)
             for atom in self._restrained.reshape(-1):
                 force.addParticle(int(atom), [0.0, 0.0, 0.0])
-                if self.hold == "fix":
+                if hold == "fix":
                     system.setParticleMass(int(atom), 0.0)  # the minimiser never moves massless particles
             system.addForce(force)
-            self._restraint = force
-            self._min_context = self._make_context(system)
-        return self._min_context
+            self._min_contexts[hold] = (self._make_context(system), force)
+        context, force = self._min_contexts[hold]
+        if hold == "restrain":  # fixed atoms feel no force: their targets need no update
+            for i, (atom, target) in enumerate(zip(self._restrained.reshape(-1), self._targets)):
+                force.setParticleParameters(i, int(atom), [float(v) for v in target])
+            force.updateParametersInContext(context)
+        return context
 
     def _constrained(self, positions_nm: np.ndarray) -> np.ndarray:
         """Positions with the System's constraints made exact (unchanged if it has none)."""
@@ -589,12 +611,43 @@ class Backmapper:
         out = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         return np.asarray(out, dtype=np.float64)
 
-    def _start(self, positions_nm: np.ndarray) -> np.ndarray:
+    def _start(self, positions_nm: np.ndarray, hold: str) -> np.ndarray:
         """Minimisation start: overlaps separated; held atoms (``hold="fix"``) back on their targets."""
         x = separate_overlaps(positions_nm, self._massive)
-        if self.hold == "fix":
+        if hold == "fix":
             x[self._restrained.reshape(-1)] = self._targets
         return x
+
+    def _relax(self, transported: np.ndarray, hold: str, label: str) -> np.ndarray:
+        """Minimise rigidly transported positions under ``hold``; constraints made exact."""
+        context = self._minimisation_context(hold)
+        out = self._minimise(context, self._start(transported, hold), self.max_iterations, label)
+        if np.all(np.isfinite(out)) and closest_pair(out[self._massive], MIN_ATOM_DISTANCE_NM) is not None:
+            # a minimisation started from astronomically strained overlaps can end in another
+            # one; separate again and give it five times the iterations
+            out = self._minimise(context, self._start(out, hold), 5 * max(self.max_iterations, 200), label)
+        if np.all(np.isfinite(out)):
+            out = self._constrained(out)
+        return out
+
+    def ca_damaged(self, positions_nm: np.ndarray) -> bool:
+        """Whether ``positions_nm`` break the Cα validity criteria (consecutive Cα beyond
+        :data:`CA_BREAK_NM`, non-consecutive Cα closer than :data:`CA_CLASH_NM`) at a pair the
+        latest generated frames keep within them."""
+        ca = positions_nm[self.backbone_atoms[:, 1]]
+        ca_col = 0 if self.restrain == "CA" else 1
+        target = self._targets.reshape(len(self.backbone_atoms), -1, 3)[:, ca_col]
+        link = np.linalg.norm(ca[1:] - ca[:-1], axis=-1)
+        link_t = np.linalg.norm(target[1:] - target[:-1], axis=-1)
+        if np.any((link > CA_BREAK_NM) & (link_t <= CA_BREAK_NM)):
+            return True
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(ca).query_pairs(CA_CLASH_NM, output_type="ndarray")
+        pairs = pairs[np.abs(pairs[:, 0] - pairs[:, 1]) > 1]
+        if len(pairs) == 0:
+            return False
+        return bool(np.any(np.linalg.norm(target[pairs[:, 0]] - target[pairs[:, 1]], axis=-1) >= CA_CLASH_NM))
 
     # -- public --------------------------------------------------------------------------
     def targets(self, transported_nm: np.ndarray, new: Rigid) -> np.ndarray:
@@ -649,17 +702,14 @@ class Backmapper:
         if self.mode == "none":
             out = transported
         else:
-            context = self._minimisation_context()
-            for i, (atom, target) in enumerate(zip(self._restrained.reshape(-1), self._targets)):
-                self._restraint.setParticleParameters(i, int(atom), [float(v) for v in target])
-            self._restraint.updateParametersInContext(context)
-            out = self._minimise(context, self._start(transported), self.max_iterations, label)
-            if np.all(np.isfinite(out)) and closest_pair(out[self._massive], MIN_ATOM_DISTANCE_NM) is not None:
-                # a minimisation started from astronomically strained overlaps can end in another
-                # one; separate again and give it five times the iterations
-                out = self._minimise(context, self._start(out), 5 * max(self.max_iterations, 200), label)
-            if np.all(np.isfinite(out)):
-                out = self._constrained(out)
+            out = self._relax(transported, self.hold, label)
+            if self.repair_ca and self.hold == "restrain" and np.all(np.isfinite(out)) and self.ca_damaged(out):
+                # the restraints gave way where the frames were strained and broke the Cα trace the
+                # model (and the Cα projection) made: this frame again, its Cα held exactly
+                fixed = self._relax(transported, "fix", label)
+                if np.all(np.isfinite(fixed)):
+                    out = fixed
+                    self.ca_repaired_frames += 1
         if not np.all(np.isfinite(out)):
             raise BackmapError(
                 f"backmapping generated frame{label} gave non-finite positions; try "

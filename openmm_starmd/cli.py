@@ -157,6 +157,7 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
         "model": str(model) if model else "bundled default", "backmap": backmap, "ca_geometry": bool(ca_geometry),
         "sampling": integrator.sampling_config.to_dict(), "forcefield": list(forcefield),
         "wall_s": wall, "ns_per_day": time_ns / wall * 86400, "strained_frames": integrator.strained_frames,
+        "ca_repaired_frames": integrator.ca_repaired_frames,
         "ca_projection": integrator.ca_projection,
         "removed_by_preparation": getattr(prepared, "removed", {}),
     }
@@ -220,6 +221,7 @@ def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: flo
         "device": device, "model": str(model) if model else "bundled default", "backmap": backmap,
         "ca_geometry": bool(ca_geometry), "sampling": sampling.to_dict(), "forcefield": list(forcefield), "wall_s": wall,
         "ns_per_day": n_replicas * time_ns / wall * 86400, "strained_frames": gen.backmapper.strained_frames,
+        "ca_repaired_frames": gen.backmapper.ca_repaired_frames,
         "ca_projection": dict(gen.sampler.ca_projection),
         "removed_by_preparation": getattr(prepared, "removed", {}),
     }

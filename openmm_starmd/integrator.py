@@ -328,6 +328,12 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         return 0 if self._backmapper is None else self._backmapper.strained_frames
 
     @property
+    def ca_repaired_frames(self) -> int:
+        """Backmapped frames whose restrained minimisation broke the generated Cα trace and that
+        were minimised again with Cα held fixed (``Backmapper(repair_ca=True)``, the default)."""
+        return 0 if self._backmapper is None else self._backmapper.ca_repaired_frames
+
+    @property
     def ca_projection(self) -> dict:
         """What the Cα projection (``keep_ca_geometry``) did to the current trajectory's generated
         frames: ``frames`` generated, ``moved`` (frames it changed), ``unconverged`` (frames left

@@ -11,6 +11,7 @@ after rigid transport alone.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import openmm
@@ -34,6 +35,8 @@ from openmm_starmd.geometry.frames import frames_from_backbone
 from openmm_starmd.geometry.rigid import Rigid, apply, compose
 from openmm_starmd.prepare import prepare_protein
 from openmm_starmd.protein import extract_protein, read_structure
+
+STRUCTURES = Path(__file__).resolve().parents[1] / "training" / "structures"
 
 PEPTIDE_MIN_A, PEPTIDE_MAX_A = 1.25, 1.45
 CA_RMSD_MAX_A = 0.1
@@ -144,6 +147,42 @@ def test_fixed_hold_keeps_the_generated_ca_exactly(fragment, nmr_targets):
         for k in range(fragment.system.getNumConstraints()):
             a, b, length = fragment.system.getConstraintParameters(k)
             assert np.linalg.norm(x[a] - x[b]) == pytest.approx(length.value_in_unit(unit.nanometer), rel=1e-5)
+
+
+def test_ca_damage_is_judged_against_the_generated_trace(fragment, nmr_targets):
+    bm = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, platform="CPU")
+    out = bm.backmap(fragment.positions_nm, fragment.frames, nmr_targets[0], compute_energy=False).positions_nm
+    assert not bm.ca_damaged(out)
+    ca = fragment.backbone_atoms[:, 1]
+    broken = out.copy()
+    broken[ca[5]] += np.array([0.0, 0.0, 0.6])  # residue 5 leaves its neighbours: a break
+    assert bm.ca_damaged(broken)
+    clash = out.copy()
+    clash[ca[7]] = clash[ca[4]] + np.array([0.02, 0.0, 0.0])  # residues 4 and 7 on top of each other
+    assert bm.ca_damaged(clash)
+    # a break the generated frames already have is not the backmap's doing
+    bm._targets = bm._targets.copy()
+    bm._targets[5] += np.array([0.0, 0.0, 0.6])
+    assert not bm.ca_damaged(broken)
+
+
+def test_frames_whose_ca_trace_the_restraints_break_are_minimised_again_with_ca_fixed(tmp_path):
+    """2M9I under large random residue motions (120°, 0.5 Å): the restrained minimisation breaks
+    the Cα trace of some frames; repair_ca (the default) redoes exactly those with Cα fixed."""
+    wm = Prepared(str(STRUCTURES / "2M9I.pdb"), ("amber14-all.xml", "implicit/obc2.xml"))
+    plain = Backmapper(wm.system, wm.atom_residue, wm.backbone_atoms, platform="CPU", repair_ca=False,
+                       deterministic=True)
+    repairing = Backmapper(wm.system, wm.atom_residue, wm.backbone_atoms, platform="CPU", deterministic=True)
+    damaged = 0
+    for seed in range(10):
+        target = _random_motion(wm.frames, degrees=120.0, nm=0.05, seed=seed)
+        a = plain.backmap(wm.positions_nm, wm.frames, target, compute_energy=False).positions_nm
+        damaged += plain.ca_damaged(a)
+        b = repairing.backmap(wm.positions_nm, wm.frames, target, compute_energy=False).positions_nm
+        assert not repairing.ca_damaged(b)
+        assert np.all(np.isfinite(b))
+    assert damaged >= 1  # otherwise this test would show nothing
+    assert repairing.ca_repaired_frames == damaged and plain.ca_repaired_frames == 0
 
 
 def test_system_mode_energy_is_the_full_system_energy(fragment, nmr_targets):
