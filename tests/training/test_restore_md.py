@@ -187,3 +187,21 @@ def test_claim_waits_for_a_lock_being_written(tmp_path):
     os.utime(lock, (old, old))  # ... or died right there, long ago
     assert run_queue.claim(str(run_dir))
     assert lock.read_text() == str(os.getpid())
+
+
+def test_queue_on_a_fresh_clone_restores_then_extends(exported, tmp_path):
+    """run_queue with restore=(manifest, state): the committed trajectory is continued, not restarted."""
+    base = exported["base"]
+    short = [a for a in SHORT_ARGS if a not in ("--ns", "0.0048")]
+    plan = {"proteins": {"2M9I": {"file": str(exported["pdb"]), "split": "train"}},
+            "stages": [{"proteins": ["2M9I"], "ns": 0.0056, "chunk_ns": 0.0056}], "frame_ps": 0.2,
+            "simulate_args": short}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    root = tmp_path / "md"
+    status = run_queue.run_queue(str(tmp_path / "plan.json"), str(root), [], worker="t",
+                                 restore=(str(base / "data" / "manifest.json"), str(base / "state")))
+    assert status["failed"] == {}
+    record = json.loads((root / "2M9I" / "r0" / "record.json").read_text())
+    assert record["restores"][0]["kind"] == "exact" and record["dcd_first_frame"] == 24
+    assert simulate.read_checkpoint_frames(str(root / "2M9I" / "r0")) == 28
+    assert record["segments"][-1]["start_frame"] == 24  # production went on from frame 24
