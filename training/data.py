@@ -99,10 +99,11 @@ def load_split(manifest_path: str, split: Optional[str] = None, verify: bool = T
 
 
 #: Windows with frames closer than this (ns) never span a reconstructed restart of a trajectory
-#: (training/restore_md.py). training/junction_check.py on the first 14 restarts (2026-11-26):
-#: the 10-ps step across a restart sat at the 84th-99th percentile of the trajectory's ordinary
-#: steps (0.3-0.7 Å larger) and the 0.1-ns step at the 48th-95th, while at 1 ns it was typical
-#: (11th-56th, one of four at 98th); windows at Δt >= 1 ns may span a restart.
+#: (training/restore_md.py). training/junction_check.py on the first six restarts with frames
+#: after them (2026-11-26 16:20, benchmarks/RESULTS.md): the 10-ps step across a restart sat at
+#: the 85th-99th percentile of the trajectory's ordinary steps in five of six (0.3-0.7 Å larger),
+#: the 0.1-ns step at the 36th-95th, the 1-ns step at the 18th-62nd (one of six at 98th): windows
+#: at Δt >= 1 ns may span a restart.
 RESTART_MIN_DT_NS = 1.0
 
 
