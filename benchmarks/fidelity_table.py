@@ -6,11 +6,15 @@ every Δt (``--dt-ns``, default 1 ns and "finest", the reference frame spacing),
 1. generates one all-atom trajectory per test protein with ``starmd run``'s own code
    (:func:`openmm_starmd.cli.run_one`: PDBFixer preparation, :class:`StarMDIntegrator` in a plain
    OpenMM ``Simulation``, ``DCDReporter`` every frame, vacuum backmapping), starting from the
-   **first frame of the reference MD** (replica 0's ``traj.dcd`` frame 0, written as a PDB; the
-   preparation strips and rebuilds its hydrogens, heavy atoms stay where the MD had them), long
+   **first frame of the reference MD** (its backbone from replica 0's training shard; side chains
+   of the prepared structure superposed per residue and minimised with that backbone held), long
    enough to span the reference (``ceil(span / Δt)`` frames, at least ``--min-frames``);
-2. writes an evaluate-many manifest (reference = replica 0, oracle = replica 1 when complete) and
-   runs :func:`openmm_starmd.analysis.evaluate_many`, which adds the ANM and Gaussian-noise rows;
+2. writes an evaluate-many manifest (reference = replica 0, oracle = replica 1 when complete, both
+   the backbone trajectories of the manifest's shards, every frame) and runs
+   :func:`openmm_starmd.analysis.evaluate_many`, which adds the ANM and Gaussian-noise rows; the
+   all-atom validity thresholds are fitted on replica 0's all-atom frames on this machine
+   (``--md-root``; after a restore on a fresh clone, the frames since then), and the oracle row
+   has Cα validity only (its shard is backbone);
 3. prints one Markdown table of medians over proteins (rows: each model, MD oracle, ANM,
    Gaussian noise; one block per Δt) and writes it to ``OUT/fidelity.md``.
 
@@ -24,12 +28,15 @@ Choices made where the issue is silent:
   full second replica, at the reference spacing) is judged at the same lag as the model.
 - The oracle and baseline rows do not depend on the model (same reference, frame count and
   seed); they are taken from the first model's evaluation at each Δt.
-- Only complete MD runs (a ``done`` file) are used; a protein without a complete replica 0 is
-  skipped with the reason, one without a complete replica 1 gets no oracle.
+- Only complete MD runs (marked complete in the manifest) are used; a protein without a complete
+  replica 0 is skipped with the reason, one without a complete replica 1 gets no oracle.
+- References come from the shards, not the all-atom run directories: on a fresh clone those hold
+  only what was simulated since the restore (training/restore_md.py), the shards everything.
 
 Output layout (``OUT`` = ``--out``)::
 
     OUT/starts/<protein>.pdb                      frame 0 of the reference, the start structure
+    OUT/references/<protein>_r<k>.{dcd,pdb}       reference backbone trajectories (from the shards)
     OUT/<model>/dt<Δt>/gen/<protein>/             starmd run output (traj.dcd, prepared.pdb, ...)
     OUT/<model>/dt<Δt>/manifest.json              the evaluate-many manifest
     OUT/<model>/dt<Δt>/report/                    evaluate-many output (table.md, summary.json, ...)
@@ -57,6 +64,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 PLAN = REPO / "training" / "plan.json"
 MD_ROOT = REPO / "training" / "md"
+MANIFEST = REPO / "training" / "data" / "manifest.json"
 DEFAULT_OUT = REPO / "benchmarks" / "out" / "fidelity"
 
 #: Summary keys (see openmm_starmd.analysis.report.SUMMARY_COLUMNS) shown by default.
@@ -72,17 +80,20 @@ BASE_ROWS = ("MD oracle", "ANM", "Gaussian noise")
 
 @dataclass
 class MDRun:
-    """One complete all-atom MD replica under training/md/<protein>/r<k>/.
+    """One reference MD replica, as a backbone trajectory written from its training shard.
 
     Attributes
     ----------
     folder : Path
+        Where the files below were written (``OUT/references``).
     traj, top : Path
-        ``traj.dcd`` and its topology ``topology.pdb``.
+        Backbone DCD (N, CA, C, O) and its PDB topology, every frame of the shard.
     n_frames : int
-        Frames in the DCD.
     frame_ns : float, ns
-        Frame spacing (``settings.frame_ps`` of record.json).
+    shard : BackboneShard
+    allatom : (Path, Path) or None
+        All-atom frames of the same run found on this machine (DCD, PDB), for the all-atom
+        validity thresholds; None when there are none.
     """
 
     folder: Path
@@ -90,6 +101,8 @@ class MDRun:
     top: Path
     n_frames: int
     frame_ns: float
+    shard: object = None
+    allatom: tuple | None = None
 
     @property
     def span_ns(self) -> float:
@@ -107,47 +120,72 @@ class Target:
     notes: list = field(default_factory=list)
 
 
-def load_md_run(folder: Path) -> tuple[MDRun | None, str | None]:
-    """A complete MD replica, or (None, reason) if the folder is missing or unfinished.
-
-    Parameters
-    ----------
-    folder : Path
-        ``training/md/<protein>/r<k>``.
-
-    Returns
-    -------
-    (MDRun or None, str or None)
-    """
-    from mdtraj.formats import DCDTrajectoryFile
-
-    if not folder.is_dir():
-        return None, f"{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder} does not exist"
-    rel = folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder
-    if not (folder / "done").exists():
-        return None, f"{rel} is not finished (no `done` file)"
-    traj, top = folder / "traj.dcd", folder / "topology.pdb"
-    for f in (traj, top, folder / "record.json"):
-        if not f.exists():
-            return None, f"{rel} lacks {f.name}"
-    record = json.loads((folder / "record.json").read_text())
-    frame_ps = record.get("settings", {}).get("frame_ps")
-    if not frame_ps:
-        return None, f"{rel}/record.json gives no settings.frame_ps"
-    with DCDTrajectoryFile(str(traj)) as fh:
-        n_frames = len(fh)
-    return MDRun(folder, traj, top, int(n_frames), float(frame_ps) / 1000.0), None
+def _manifest_entries(manifest: Path) -> dict:
+    entries = json.loads(manifest.read_text())["shards"]
+    return {(e["protein"], int(e["replica"])): e for e in entries}
 
 
-def find_targets(names: list[str], md_root: Path) -> tuple[list[Target], dict[str, str]]:
-    """Targets with a complete replica 0, and {protein: reason} for those skipped."""
+def allatom_frames(run_dir: Path, out: Path) -> tuple | None:
+    """The checkpointed all-atom frames of ``run_dir`` (a simulate.py run on this machine) copied
+    to ``out`` (.dcd + .pdb); None when there is no run or fewer than 10 frames.
+
+    A run restored on a fresh clone (training/restore_md.py) has only the frames since then."""
+    import mdtraj as md
+
+    ckpt, top = run_dir / "checkpoint.json", run_dir / "topology.pdb"
+    if not (ckpt.exists() and top.exists() and (run_dir / "traj.dcd").exists()):
+        return None
+    record = json.loads((run_dir / "record.json").read_text())
+    n = int(json.loads(ckpt.read_text())["frames"]) - int(record.get("dcd_first_frame", 0))
+    if n < 10:
+        return None
+    with md.open(str(run_dir / "traj.dcd")) as fh:
+        traj = fh.read_as_traj(md.load_topology(str(top)), n_frames=n)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    traj.save_dcd(str(out.with_suffix(".dcd")))
+    traj[0].save_pdb(str(out.with_suffix(".pdb")))
+    return out.with_suffix(".dcd"), out.with_suffix(".pdb")
+
+
+def load_md_run(entry: dict | None, manifest: Path, out: Path, md_root: Path | None = None
+                ) -> tuple[MDRun | None, str | None]:
+    """A complete reference replica from its manifest entry, or (None, reason).
+
+    The shard's backbone (every frame, also those from before a restore) is written to
+    ``out/<protein>_r<k>.{dcd,pdb}``; all-atom frames of the run on this machine, if any, go
+    next to it (``_allatom``) for the all-atom validity thresholds."""
+    from openmm_starmd.data import backbone_trajectory, load_shard
+
+    if entry is None:
+        return None, "not in the manifest"
+    key = f"{entry['protein']}/r{entry['replica']}"
+    if not entry.get("complete"):
+        return None, f"{key} is not finished (the manifest marks it incomplete)"
+    shard = load_shard(str(manifest.parent / entry["file"]), entry.get("sha256"))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{entry['protein']}_r{entry['replica']}"
+    traj = backbone_trajectory(shard)
+    traj.save_dcd(str(stem) + ".dcd")
+    traj[0].save_pdb(str(stem) + ".pdb")
+    allatom = None
+    if md_root is not None:
+        allatom = allatom_frames(md_root / entry["protein"] / f"r{entry['replica']}",
+                                 Path(str(stem) + "_allatom"))
+    return MDRun(out, Path(str(stem) + ".dcd"), Path(str(stem) + ".pdb"), shard.n_frames,
+                 float(shard.frame_spacing_ns), shard, allatom), None
+
+
+def find_targets(names: list[str], manifest: Path, out: Path, md_root: Path | None = None
+                 ) -> tuple[list[Target], dict[str, str]]:
+    """Targets with a complete replica 0 in the manifest, and {protein: reason} for those skipped."""
+    entries = _manifest_entries(manifest)
     targets, skipped = [], {}
     for name in names:
-        ref, why = load_md_run(md_root / name / "r0")
+        ref, why = load_md_run(entries.get((name, 0)), manifest, out, md_root)
         if ref is None:
             skipped[name] = f"no reference MD: {why}"
             continue
-        rep, why_rep = load_md_run(md_root / name / "r1")
+        rep, why_rep = load_md_run(entries.get((name, 1)), manifest, out)
         t = Target(name, ref, None)
         if rep is None:
             t.notes.append(f"no MD oracle: {why_rep}")
@@ -156,6 +194,8 @@ def find_targets(names: list[str], md_root: Path) -> tuple[list[Target], dict[st
                            f"replica 0 every {ref.frame_ns:g} ns")
         else:
             t.replica = rep
+        if ref.allatom is None:
+            t.notes.append("no all-atom MD of replica 0 on this machine: validity is Cα only")
         targets.append(t)
     return targets, skipped
 
@@ -213,20 +253,54 @@ def n_generated(span_ns: float, dt_ns: float, min_frames: int, max_frames: int |
 
 # --- generation and evaluation ------------------------------------------------------------
 
-def write_start(target: Target, path: Path) -> Path:
-    """Write frame 0 of the reference MD as a PDB (the topology's names, positions from the DCD)."""
-    import mdtraj as md
+def write_start(target: Target, path: Path, plan: Path = PLAN) -> Path:
+    """Write the start structure: the protein's prepared structure (training/plan.json) with every
+    residue superposed on frame 0 of the reference backbone (N, CA, C, O), then minimised in
+    vacuum with that backbone restrained (5e4 kJ/mol/nm²). The shards keep only the backbone, so
+    the side chains are the prepared structure's, placed on the MD's frame 0; ``starmd run``'s
+    preparation then rebuilds the hydrogens."""
+    import sys
+
+    import openmm
     from openmm import app, unit
+
+    from openmm_starmd.prepare import prepare_protein
 
     if path.exists():
         return path
+    sys.path.insert(0, str(REPO / "training"))
+    import restore_md  # noqa: E402
+
+    prot = json.loads(plan.read_text())["proteins"][target.name]
+    prepared = prepare_protein(str(plan.parent / prot["file"]),
+                               replace_nonstandard=bool(prot.get("prepare_options", {}).get("replace_nonstandard")))
+    pos = np.asarray(prepared.positions.value_in_unit(unit.nanometer), dtype=np.float64)
+    shard = target.reference.shard
+    idx4, residue_atoms = restore_md.backbone_indices(prepared.topology, shard)
+    frame0 = shard.coords_nm[0].astype(np.float64)
+    have = idx4 >= 0
+    new = pos.copy()
+    for i, atoms in enumerate(residue_atoms):
+        if have[i].sum() >= 3:
+            new[atoms] = restore_md._kabsch_apply(pos[idx4[i, have[i]]], frame0[i, have[i]], pos[atoms])
+    new[idx4[have]] = frame0[have]
+    system = app.ForceField("amber14-all.xml").createSystem(prepared.topology, nonbondedMethod=app.NoCutoff)
+    force = openmm.CustomExternalForce("0.5*k_start*((x-x0)^2+(y-y0)^2+(z-z0)^2)")
+    force.addGlobalParameter("k_start", 5.0e4)
+    for name in ("x0", "y0", "z0"):
+        force.addPerParticleParameter(name)
+    for atom, xyz in zip(idx4[have], frame0[have]):
+        force.addParticle(int(atom), [float(v) for v in xyz])
+    system.addForce(force)
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"),
+                         {"Threads": "1"})
+    ctx.setPositions(new)
+    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 1000)
+    xyz = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ref = target.reference
-    pdb = app.PDBFile(str(ref.top))
-    xyz_nm = md.load_frame(str(ref.traj), 0, top=str(ref.top)).xyz[0]
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as fh:
-        app.PDBFile.writeFile(pdb.topology, xyz_nm.astype(float) * unit.nanometer, fh, keepIds=True)
+        app.PDBFile.writeFile(prepared.topology, xyz * unit.nanometer, fh, keepIds=True)
     os.replace(tmp, path)
     return path
 
@@ -272,6 +346,8 @@ def manifest_entry(target: Target, gen_dir: Path, dt_ns: float, base: Path, with
     if with_oracle and target.replica is not None:
         entry["replica"] = rel(target.replica.traj)
         entry["replica_top"] = rel(target.replica.top)
+    if ref.allatom is not None:
+        entry["criteria_reference"], entry["criteria_top"] = rel(ref.allatom[0]), rel(ref.allatom[1])
     return entry
 
 
@@ -310,7 +386,7 @@ def run_cell(model: str, model_path: str, dt_label: str, dt_ns: float, targets: 
         if truncated:
             cell.notes.append(f"{t.name}: generation capped at {n} frames by --max-frames "
                               f"({n * dt_ns:g} ns of the reference's {t.reference.span_ns:g} ns)")
-        start = write_start(t, Path(args.out) / "starts" / f"{t.name}.pdb")
+        start = write_start(t, Path(args.out) / "starts" / f"{t.name}.pdb", Path(args.plan))
         gen_dir = root / "gen" / t.name
         rec, reused = generate(start, gen_dir, model_path, dt_ns, n, args.seed + i, args.device,
                                args.steps, args.regenerate, args.ca_geometry)
@@ -435,8 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fewest frames generated per protein and Δt (default 20, at least 4)")
     p.add_argument("--max-frames", type=int, default=None,
                    help="cap on generated frames (for smoke runs; capped cells are marked in the notes)")
+    p.add_argument("--manifest", default=str(MANIFEST),
+                   help="training data manifest: replica 0 of each protein is the reference, replica 1 the "
+                        "oracle (default training/data/manifest.json)")
     p.add_argument("--md-root", default=str(MD_ROOT),
-                   help="folder of reference MD, <protein>/r0 and r1 (default training/md)")
+                   help="all-atom MD on this machine, <protein>/r0, for the all-atom validity thresholds "
+                        "(default training/md)")
     p.add_argument("--plan", default=str(PLAN), help="plan listing the test split (default training/plan.json)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default benchmarks/out/fidelity)")
     p.add_argument("--seed", type=int, default=0,
@@ -473,7 +553,7 @@ def main(argv=None) -> int:
         raise SystemExit("two --model entries share a NAME; give each a different one.")
     model_paths = dict(models)
     names = args.proteins or test_proteins(Path(args.plan))
-    targets, skipped = find_targets(names, Path(args.md_root))
+    targets, skipped = find_targets(names, Path(args.manifest), Path(args.out) / "references", Path(args.md_root))
     dts = resolve_dts(args.dt_ns, targets)
     columns = [k for k, _, _ in SUMMARY_COLUMNS] if args.all_columns else list(MAIN_COLUMNS)
 

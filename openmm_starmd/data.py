@@ -49,7 +49,7 @@ import numpy as np
 
 __all__ = [
     "FORMAT_VERSION", "RESTYPES", "BACKBONE_ATOMS", "TrajectoryError", "BackboneShard",
-    "save_shard", "load_shard", "read_backbone_trajectory", "read_atlas", "sha256_file",
+    "save_shard", "load_shard", "read_backbone_trajectory", "read_atlas", "sha256_file", "backbone_trajectory",
 ]
 
 FORMAT_VERSION = 1
@@ -231,6 +231,37 @@ def load_shard(path: str, sha256: Optional[str] = None) -> BackboneShard:
 # --------------------------------------------------------------------------------------------
 # readers
 # --------------------------------------------------------------------------------------------
+
+def backbone_trajectory(shard: BackboneShard, frames: Optional[slice] = None):
+    """The shard as an mdtraj Trajectory of its backbone atoms (N, CA, C, O per valid residue).
+
+    Residues keep their order, chains and author numbers; masked residues (missing backbone
+    atoms) are left out. Times in ps. For the evaluation (:mod:`openmm_starmd.analysis`), whose
+    Cα, coverage and dynamics metrics need no more than this.
+
+    Returns
+    -------
+    mdtraj.Trajectory, ``xyz`` shape (F, 4 n_valid, 3), nm
+    """
+    import mdtraj as md
+
+    three = {v: k for k, v in reversed(list(_ONE.items()))}  # first (canonical) name per letter
+    top = md.Topology()
+    chains = {}
+    keep = np.flatnonzero(shard.residue_mask)
+    for i in keep:
+        c = int(shard.chain_index[i])
+        if c not in chains:
+            chains[c] = top.add_chain()
+        res = top.add_residue(three.get(shard.sequence[i], "UNK"), chains[c], resSeq=int(shard.residue_index[i]))
+        atoms = [top.add_atom(name, md.element.get_by_symbol(name[0]), res) for name in BACKBONE_ATOMS]
+        top.add_bond(atoms[0], atoms[1])
+        top.add_bond(atoms[1], atoms[2])
+        top.add_bond(atoms[2], atoms[3])
+    sel = slice(None) if frames is None else frames
+    xyz = shard.coords_nm[sel][:, keep].reshape(-1, 4 * len(keep), 3)
+    return md.Trajectory(xyz, top, time=shard.time_ns[sel] * 1000.0)
+
 
 def _backbone_layout(topology, source: str):
     """Per protein residue: atom indices of N, CA, C, O (-1 if missing), plus sequence/chain info."""

@@ -159,7 +159,8 @@ def evaluate(reference: md.Trajectory, generated: md.Trajectory, dt_ns: float,
     peptide_bond_nm : float, nm
         Longest allowed peptide C–N bond (default 0.140 nm); ignored if ``criteria`` is given.
     criteria : AllAtomCriteria, optional
-        Precomputed :func:`fit_allatom_criteria` of the reference (saves refitting).
+        Precomputed :func:`fit_allatom_criteria` of the reference (saves refitting), or of other
+        all-atom MD of the protein when ``reference`` holds only backbone atoms.
     seed : int
         Seed of every subsampling.
     make_plots : bool
@@ -249,7 +250,10 @@ def _validity_section(reference, generated, dt_ns, energies, reference_energies,
     gaps = broken_pairs(reference, 0)
     ca = ca_validity(generated, ignore_pairs=gaps)
     aa = None
-    if is_all_atom(reference.topology) and is_all_atom(generated.topology):
+    # all-atom checks need all-atom generated frames and thresholds: fitted on an all-atom
+    # reference, or given (fitted on other all-atom MD of the protein when the reference is a
+    # backbone trajectory, e.g. from training shards)
+    if is_all_atom(generated.topology) and (criteria is not None or is_all_atom(reference.topology)):
         if criteria is None:
             criteria = fit_allatom_criteria(reference, percentile, peptide_bond_nm)
         aa = allatom_validity(generated, criteria)
@@ -426,7 +430,9 @@ def evaluate_many(manifest, out_dir: str, seed: int = 0, baselines: bool = True,
         JSON file (or its parsed content): a list, or ``{"targets": [...]}``, of objects with
         ``name``, ``reference``, ``top``, ``generated``, ``dt_ns`` and optionally ``gen_top``,
         ``replica`` (a second MD run, for the oracle row), ``replica_top``,
-        ``reference_dt_ns`` and ``tica_lag_ns``. Relative paths are relative to the manifest.
+        ``reference_dt_ns``, ``tica_lag_ns``, and ``criteria_reference`` + ``criteria_top``: all-atom
+        MD of the protein to fit the all-atom validity thresholds on when ``reference`` holds
+        only backbone atoms. Relative paths are relative to the manifest.
     out_dir : str
         Folder to write: ``table.md``, ``summary.json`` and one report per target and row.
     seed : int
@@ -461,8 +467,12 @@ def evaluate_many(manifest, out_dir: str, seed: int = 0, baselines: bool = True,
             common = dict(reference_dt_ns=t.get("reference_dt_ns"),
                           tica_lag_ns=t.get("tica_lag_ns"), seed=seed)
             labels = (t["reference"], t["generated"])
-            criteria = (fit_allatom_criteria(ref, peptide_bond_nm=peptide_bond_nm)
-                        if is_all_atom(ref.topology) else None)
+            criteria = None
+            if is_all_atom(ref.topology):
+                criteria = fit_allatom_criteria(ref, peptide_bond_nm=peptide_bond_nm)
+            elif t.get("criteria_reference"):
+                aa_ref = load_trajectory(path(t["criteria_reference"]), path(t["criteria_top"]), "criteria_reference")
+                criteria = fit_allatom_criteria(aa_ref, peptide_bond_nm=peptide_bond_nm)
             rows = {"model": evaluate(ref, gen, dt, os.path.join(folder, name, "model"),
                                       labels=labels, criteria=criteria, **common)}
             if t.get("replica"):

@@ -10,6 +10,7 @@ import pytest
 from openmm_starmd.analysis.baselines import anm_ensemble
 from openmm_starmd.analysis.inputs import InputError
 from openmm_starmd.analysis.report import PLOT_FILES, SUMMARY_COLUMNS, evaluate, evaluate_many
+from openmm_starmd.analysis.stereochemistry import fit_allatom_criteria
 
 
 def _strict_json(path):
@@ -181,3 +182,28 @@ def test_all_frames_invalid_still_reports_with_nulls(md_pair, md_files, tmp_path
     assert s["pca_jsd"] is None and s["tic0_jsd"] is None and s["vamp2_deviation"] is None
     assert sorted(os.listdir(out)) == sorted(("metrics.json",) + PLOT_FILES)
     _strict_json(out / "metrics.json")
+
+
+def test_backbone_reference_with_allatom_criteria_from_other_md(md_pair, md_files, tmp_path):
+    """A reference holding only N, CA, C, O (as training shards do) gets all-atom validity for the
+    generated frames when the thresholds come from other all-atom MD of the protein; the same
+    numbers as fitting them on that MD directly, and only Cα checks without them."""
+    ref, rep = md_pair
+    backbone = ref.atom_slice(ref.topology.select("backbone and (name N or name CA or name C or name O)"))
+    assert backbone.n_atoms == 4 * ref.n_residues
+    criteria = fit_allatom_criteria(ref)
+    with_criteria = evaluate(backbone, rep, md_files["dt_ns"], criteria=criteria)["validity"]
+    direct = evaluate(ref, rep, md_files["dt_ns"])["validity"]
+    assert with_criteria["allatom_validity"] == direct["allatom_validity"] is not None
+    assert with_criteria["ca_validity"] == direct["ca_validity"]
+    assert evaluate(backbone, rep, md_files["dt_ns"])["validity"]["allatom_validity"] is None
+    # evaluate-many: criteria_reference/criteria_top carry the all-atom MD
+    bb_path = str(tmp_path / "backbone.dcd")
+    backbone.save_dcd(bb_path)
+    backbone[0].save_pdb(str(tmp_path / "backbone.pdb"))
+    entry = {"name": "p", "reference": bb_path, "top": str(tmp_path / "backbone.pdb"),
+             "generated": md_files["replica2"], "gen_top": md_files["top"], "dt_ns": md_files["dt_ns"],
+             "criteria_reference": md_files["replica1"], "criteria_top": md_files["top"]}
+    evaluate_many([entry], str(tmp_path / "many"), baselines=False, echo=False)
+    summary = _strict_json(tmp_path / "many" / "summary.json")
+    assert summary["p"]["model"]["allatom_validity"] == pytest.approx(direct["allatom_validity"])
