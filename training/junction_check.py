@@ -21,21 +21,9 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
 
-
-def superposed_rmsd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cα RMSD (nm) after optimal superposition, pairwise along the first axis.
-
-    a, b : (P, N, 3) nm. Returns (P,).
-    """
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    h = np.einsum("pni,pnj->pij", a, b)
-    u, s, vt = np.linalg.svd(h)
-    d = np.sign(np.linalg.det(np.einsum("pij,pjk->pik", u, vt)))
-    s[:, -1] *= d
-    msd = (np.sum(a * a, axis=(1, 2)) + np.sum(b * b, axis=(1, 2)) - 2.0 * s.sum(axis=1)) / a.shape[1]
-    return np.sqrt(np.maximum(msd, 0.0))
+from openmm_starmd.analysis.alignment import superposed_rmsd  # noqa: E402
 
 
 def junction_stats(coords_nm: np.ndarray, mask: np.ndarray, restarts, lags) -> list[dict]:
