@@ -101,9 +101,22 @@ def _rmsd_nm(a: np.ndarray, b: np.ndarray) -> float:
     return float(superposed_rmsd(a[None], b[None])[0])
 
 
-def mean_step_A(ca_nm: np.ndarray, stride: int = 1) -> float:
-    """Mean superposed Cα RMSD (Å) between frames ``stride`` apart; ca_nm (F, N, 3) nm, F > stride."""
-    return float(superposed_rmsd(ca_nm[stride:], ca_nm[:-stride]).mean() * 10)
+#: Below this Δt (ns) MD pairs that span a reconstructed restart are left out of the MD step, as
+#: the training windows leave them out (training/data.py RESTART_MIN_DT_NS, the same value).
+RESTART_MIN_DT_NS = 1.0
+
+
+def mean_step_A(ca_nm: np.ndarray, stride: int = 1, restarts=()) -> float:
+    """Mean superposed Cα RMSD (Å) between frames ``stride`` apart; ca_nm (F, N, 3) nm, F > stride.
+
+    Pairs (i, i + stride) with ``i < r <= i + stride`` for a frame ``r`` in ``restarts`` are left
+    out (when any pair is left)."""
+    rmsd = superposed_rmsd(ca_nm[stride:], ca_nm[:-stride])
+    i = np.arange(len(rmsd))
+    keep = np.ones(len(rmsd), dtype=bool)
+    for r in restarts:
+        keep &= ~((i < r) & (i + stride >= r))
+    return float((rmsd[keep] if keep.any() else rmsd).mean() * 10)
 
 
 def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, seed: int, steps: int | None,
@@ -130,6 +143,8 @@ def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, se
     last_hist = ref_ca[idx[-1]]
     geo = ca_geometry(ca, shard.residue_index, shard.chain_index, reference_nm=last_hist)
     end = idx[-1] + n_frames * stride
+    restarts = ([int(r["frame"]) for r in shard.provenance.get("restarts", [])]
+                if stride * shard.frame_spacing_ns < RESTART_MIN_DT_NS - 1e-9 else [])
     row = {
         "protein": shard.name, "residues": shard.n_residues, "dt_ns": stride * shard.frame_spacing_ns,
         "t_min": config.t_min, "frames": n_frames, "ca_validity": float(geo["valid"].mean()), "ca_ca_A": geo["ca_ca_A"],
@@ -137,7 +152,7 @@ def check_protein(loaded, shard, dt_ns: float, n_frames: int, n_history: int, se
         "ref_drift_A": _rmsd_nm(ref_ca[end], last_hist) * 10 if end < shard.n_frames else None,
         "rmsf_r": rmsf_correlation(ref_ca, ca) if n_frames >= 3 else None,
         "step_A": mean_step_A(np.concatenate([last_hist[None], ca])),
-        "ref_step_A": mean_step_A(ref_ca, stride) if stride < shard.n_frames else None,
+        "ref_step_A": mean_step_A(ref_ca, stride, restarts) if stride < shard.n_frames else None,
     }
     ref_geo = ca_geometry(ref_ca, shard.residue_index, shard.chain_index, reference_nm=ref_ca[0])
     row["ref_ca_validity"] = float(ref_geo["valid"].mean())

@@ -93,6 +93,12 @@ def test_mean_step_is_the_superposed_rmsd_between_frames_stride_apart():
     four = np.stack([x[0], x[1], x[0], x[1]])
     assert rollout_check.mean_step_A(four, stride=2) == pytest.approx(0.0, abs=1e-6)
     assert rollout_check.mean_step_A(four) > 1.0
+    # a restart at frame 3 (frames 0-2 one structure, 3-5 another): below 1 ns the MD step
+    # leaves out the pairs across it, as the training windows do
+    jump = np.stack([x[0]] * 3 + [x[1]] * 3)
+    assert rollout_check.mean_step_A(jump) > 0.1
+    assert rollout_check.mean_step_A(jump, restarts=[3]) == pytest.approx(0.0, abs=1e-6)
+    assert rollout_check.mean_step_A(jump, stride=2, restarts=[3]) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_a_missing_model_file_is_a_clear_usage_error(tmp_path, capsys):
