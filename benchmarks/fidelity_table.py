@@ -126,21 +126,22 @@ def _manifest_entries(manifest: Path) -> dict:
 
 
 def allatom_frames(run_dir: Path, out: Path) -> tuple | None:
-    """The checkpointed all-atom frames of ``run_dir`` (a simulate.py run on this machine) copied
-    to ``out`` (.dcd + .pdb); None when there is no run or fewer than 10 frames.
+    """All-atom MD of ``run_dir`` on this machine (``restore_md.allatom_md``: the run's own
+    checkpointed frames, or the sample committed with its MD state) copied to ``out`` (.dcd +
+    .pdb); None when there is none."""
+    import sys
 
-    A run restored on a fresh clone (training/restore_md.py) has only the frames since then."""
     import mdtraj as md
 
-    ckpt, top = run_dir / "checkpoint.json", run_dir / "topology.pdb"
-    if not (ckpt.exists() and top.exists() and (run_dir / "traj.dcd").exists()):
+    sys.path.insert(0, str(REPO / "training"))
+    import restore_md  # noqa: E402
+
+    found = restore_md.allatom_md(str(run_dir))
+    if found is None:
         return None
-    record = json.loads((run_dir / "record.json").read_text())
-    n = int(json.loads(ckpt.read_text())["frames"]) - int(record.get("dcd_first_frame", 0))
-    if n < 10:
-        return None
-    with md.open(str(run_dir / "traj.dcd")) as fh:
-        traj = fh.read_as_traj(md.load_topology(str(top)), n_frames=n)
+    dcd, top, n, _ = found
+    with md.open(dcd) as fh:
+        traj = fh.read_as_traj(md.load_topology(top), n_frames=n)
     out.parent.mkdir(parents=True, exist_ok=True)
     traj.save_dcd(str(out.with_suffix(".dcd")))
     traj[0].save_pdb(str(out.with_suffix(".pdb")))

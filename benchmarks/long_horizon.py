@@ -123,6 +123,17 @@ def pick_platform(name: str, threads: int) -> tuple[openmm.Platform, dict]:
 
 
 # --------------------------------------------------------------------------- one protein's set-up
+
+def _allatom_md(run: Path):
+    """All-atom MD of one run on this machine: its checkpointed frames, or the sample committed
+    with its MD state (training/restore_md.py ``allatom_md``); None if there is none."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "training"))
+    import restore_md  # noqa: E402
+
+    return restore_md.allatom_md(str(run))
+
 class ProteinSetup:
     """Everything fixed for one protein: structure, System, backmapper, topologies, criteria.
 
@@ -168,9 +179,11 @@ class ProteinSetup:
     def _criteria(self, args, start: md.Trajectory):
         """All-atom criteria from the reference MD (or the fallback) and a description of them."""
         run = Path(args.md_root) / self.name / f"r{args.reference_replica}"
-        dcd, top = run / "traj.dcd", run / "topology.pdb"
-        if dcd.is_file() and top.is_file():
-            ref = md.load(str(dcd), top=str(top))
+        found = _allatom_md(run)
+        if found is not None:
+            dcd, top, n, what = found
+            with md.open(str(dcd)) as fh:
+                ref = fh.read_as_traj(md.load_topology(str(top)), n_frames=n)
             if len(ca_indices(ref.topology)) == len(self.backbone_atoms):
                 settings = {}
                 if (run / "record.json").is_file():
@@ -178,7 +191,7 @@ class ProteinSetup:
                 frame_ps = settings.get("frame_ps")
                 info = {
                     "source": "reference MD", "path": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run),
-                    "frames": int(ref.n_frames), "frame_ps": frame_ps,
+                    "frames": int(ref.n_frames), "frame_ps": frame_ps, "which": what,
                     "time_ns": None if frame_ps is None else ref.n_frames * frame_ps / 1000.0,
                     "forcefield": settings.get("forcefield_files"),
                     "note": "all-atom thresholds = 99th percentiles of this MD (fit_allatom_criteria)",
@@ -245,10 +258,12 @@ class ProteinSetup:
         out = {"start": self._score(start)}
         folder = Path(args.md_root) / self.name
         for run in sorted(folder.glob("r*")) if folder.is_dir() else []:
-            if run.name == f"r{args.reference_replica}" or not (run / "traj.dcd").is_file():
+            found = _allatom_md(run) if run.is_dir() and run.name != f"r{args.reference_replica}" else None
+            if found is None:
                 continue
             try:
-                other = md.load(str(run / "traj.dcd"), top=str(run / "topology.pdb"))
+                with md.open(str(found[0])) as fh:
+                    other = fh.read_as_traj(md.load_topology(str(found[1])), n_frames=found[2])
             except (OSError, ValueError):
                 continue
             if [a.element.symbol for a in other.topology.atoms] == [a.element.symbol for a in self.top_aa.atoms]:

@@ -158,8 +158,10 @@ def build(md_root: str, out_dir: str, manifest_path: str, plan_path: str | None 
         if state_root is not None:
             import restore_md
 
-            restore_md.export_state(run["dir"], run["checkpoint_text"],
-                                    os.path.join(state_root, run["protein"], f"r{run['replica']}"))
+            state_dir = os.path.join(state_root, run["protein"], f"r{run['replica']}")
+            restore_md.export_state(run["dir"], run["checkpoint_text"], state_dir)
+            if splits.get(run["protein"]) == "test":  # the evaluation's all-atom thresholds need some
+                restore_md.export_allatom_sample(run["dir"], run["checkpoint_text"], state_dir)
     for key, prev in old.items():
         # a shard whose MD is not on this machine (fresh clone, before restore_md.py) stays as it is
         if key not in seen and os.path.exists(os.path.join(base, prev["file"])) and prev.get("source", "").startswith(

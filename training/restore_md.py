@@ -104,6 +104,64 @@ def export_state(run_dir: str, checkpoint_text: str, state_dir: str) -> None:
     _write_if_changed(os.path.join(state_dir, "checkpoint.json.gz"), _gzip_bytes(checkpoint_text.encode()))
 
 
+#: Frames of the all-atom sample kept with the state of a test trajectory (allatom_sample.dcd).
+SAMPLE_FRAMES = 100
+
+
+def export_allatom_sample(run_dir: str, checkpoint_text: str, state_dir: str) -> bool:
+    """Keep up to :data:`SAMPLE_FRAMES` evenly spaced all-atom frames of the run's local DCD in
+    ``state_dir/allatom_sample.dcd`` (+ ``.json``): the evaluation fits its all-atom validity
+    thresholds on all-atom MD, which the shards do not hold and a fresh clone would otherwise
+    lack. Written when missing or when the local DCD has grown to twice the frames it was taken
+    from. Returns whether it wrote."""
+    import mdtraj as md
+
+    record = json.load(open(os.path.join(run_dir, "record.json")))
+    total = int(json.loads(checkpoint_text)["frames"])
+    first = int(record.get("dcd_first_frame", 0))
+    n_local = total - first
+    meta_path = os.path.join(state_dir, "allatom_sample.json")
+    if n_local < 10 or not os.path.exists(os.path.join(run_dir, "traj.dcd")):
+        return False
+    if os.path.exists(meta_path):
+        with open(meta_path) as fh:
+            if 2 * int(json.load(fh)["source_frames"]) > n_local:
+                return False
+    stride = max(1, -(-n_local // SAMPLE_FRAMES))
+    with md.open(os.path.join(run_dir, "traj.dcd")) as fh:
+        traj = fh.read_as_traj(md.load_topology(os.path.join(run_dir, "topology.pdb")), n_frames=n_local)
+    sample = traj[::stride]
+    tmp = os.path.join(state_dir, "allatom_sample.tmp.dcd")
+    sample.save_dcd(tmp)
+    os.replace(tmp, os.path.join(state_dir, "allatom_sample.dcd"))
+    simulate._atomic_write_json(meta_path, {
+        "source_frames": n_local, "first_frame": first, "stride": stride, "frames": sample.n_frames,
+        "frame_ps": record["settings"]["frame_ps"],
+        "note": "every stride-th checkpointed frame of the run's local traj.dcd from first_frame on; "
+                "topology: topology.pdb next to it"})
+    return True
+
+
+def allatom_md(run_dir: str, min_frames: int = SAMPLE_FRAMES):
+    """All-atom MD of a run on this machine for validity thresholds: (dcd, pdb, n_frames, what),
+    or None. The local traj.dcd when it holds ``min_frames`` checkpointed frames, else the
+    committed sample copied in by a restore (``allatom_sample.dcd``), else a shorter traj.dcd."""
+    top = os.path.join(run_dir, "topology.pdb")
+    dcd = os.path.join(run_dir, "traj.dcd")
+    local = 0
+    if os.path.exists(os.path.join(run_dir, "checkpoint.json")) and os.path.exists(dcd):
+        record = json.load(open(os.path.join(run_dir, "record.json")))
+        local = simulate.read_checkpoint_frames(run_dir) - int(record.get("dcd_first_frame", 0))
+    sample = os.path.join(run_dir, "allatom_sample.dcd")
+    if local >= min_frames or (local >= 10 and not os.path.exists(sample)):
+        return dcd, top, local, f"{local} frames of {os.path.relpath(dcd)}"
+    if os.path.exists(sample) and os.path.exists(top):
+        meta = json.load(open(os.path.join(run_dir, "allatom_sample.json")))
+        return sample, top, int(meta["frames"]), (f"{meta['frames']} frames sampled every {meta['stride']} of "
+                                                  f"{meta['source_frames']} (committed with the MD state)")
+    return None
+
+
 def read_state_checkpoint(state_dir: str) -> dict | None:
     path = os.path.join(state_dir, "checkpoint.json.gz")
     if not os.path.exists(path):
@@ -153,6 +211,9 @@ def restore_exact(run_dir: str, state_dir: str, shard, log=print) -> int:
     os.makedirs(tmp)
     for name in STATE_FILES:
         shutil.copy(os.path.join(state_dir, name), os.path.join(tmp, name))
+    for name in ("allatom_sample.dcd", "allatom_sample.json"):
+        if os.path.exists(os.path.join(state_dir, name)):
+            shutil.copy(os.path.join(state_dir, name), os.path.join(tmp, name))
     with gzip.open(os.path.join(state_dir, "system.xml.gz"), "rb") as fh:
         simulate._atomic_write_text(os.path.join(tmp, "system.xml"), fh.read().decode())
     with open(os.path.join(tmp, "record.json")) as fh:

@@ -191,3 +191,29 @@ def test_queue_on_a_fresh_clone_restores_then_extends(exported, tmp_path):
     assert record["restores"][0]["kind"] == "exact" and record["dcd_first_frame"] == 24
     assert simulate.read_checkpoint_frames(str(root / "2M9I" / "r0")) == 28
     assert record["segments"][-1]["start_frame"] == 24  # production went on from frame 24
+
+
+def test_allatom_sample_travels_with_the_state(exported, tmp_path):
+    """Test trajectories keep up to 100 all-atom frames with their state; a restored run offers
+    them to the evaluation when it has no frames of its own yet."""
+    base = exported["base"]
+    run_dir = base / "md" / "2M9I" / "r0"
+    state = tmp_path / "state" / "2M9I" / "r0"
+    shutil.copytree(base / "state" / "2M9I" / "r0", state)
+    ckpt_text = (run_dir / "checkpoint.json").read_text()
+    assert restore_md.export_allatom_sample(str(run_dir), ckpt_text, str(state))
+    meta = json.loads((state / "allatom_sample.json").read_text())
+    assert (meta["frames"], meta["source_frames"], meta["stride"]) == (24, 24, 1)
+    assert not restore_md.export_allatom_sample(str(run_dir), ckpt_text, str(state))  # not grown: kept
+    import mdtraj as md
+
+    sample = md.load(str(state / "allatom_sample.dcd"), top=str(state / "topology.pdb"))
+    local = md.load(str(run_dir / "traj.dcd"), top=str(run_dir / "topology.pdb"))[:24]
+    np.testing.assert_allclose(sample.xyz, local.xyz, atol=1e-5)
+    fresh = tmp_path / "fresh" / "2M9I" / "r0"
+    assert restore_md.ensure_run_dir(str(fresh), _args(exported["pdb"], fresh), "2M9I", 0,
+                                     str(base / "data" / "manifest.json"), str(tmp_path / "state"),
+                                     log=lambda *a: None) == "exact"
+    dcd, top, n, what = restore_md.allatom_md(str(fresh))
+    assert dcd.endswith("allatom_sample.dcd") and n == 24 and "committed" in what
+    assert restore_md.allatom_md(str(run_dir))[0].endswith("traj.dcd")  # the original has its own frames
