@@ -370,21 +370,25 @@ def test_independent_md_replica_passes_with_the_bundled_library(md_pair):
     assert new_valid >= old_valid + 0.2
 
 
-def _finished_run(protein, replica):
-    run = REPO / "training" / "md" / protein / f"r{replica}"
-    return run if (run / "done").exists() and (run / "traj.dcd").exists() else None
+def _allatom_2m9i(replica):
+    """100 all-atom frames of 2M9I replica ``replica``: those committed with its MD state
+    (training/md_state/, 1 ns of 10-ps frames after the session-9 restore at 3 ns)."""
+    state = REPO / "training" / "md_state" / "2M9I" / f"r{replica}"
+    if not (state / "allatom_sample.dcd").exists():
+        return None
+    return md.load(str(state / "allatom_sample.dcd"), top=str(state / "topology.pdb"))[:100]
 
 
-@pytest.mark.skipif(not (_finished_run("2M9I", 0) and _finished_run("2M9I", 1)),
-                    reason="the 1 ns all-atom 2M9I replicas exist only on the MD machine")
-def test_second_1ns_replica_passes_with_the_bundled_library():
+@pytest.mark.skipif(_allatom_2m9i(0) is None or _allatom_2m9i(1) is None,
+                    reason="no committed all-atom sample of both 2M9I replicas (training/md_state)")
+def test_second_replica_passes_with_the_bundled_library():
     """2M9I (a test protein, not in the library): r0 calibrates, r1 is the MD oracle.
 
-    Measured: bundled library 0.99 of r1's 100 frames valid (rotamer 1.00); densities fitted on
-    r0 alone 0.03 (rotamer 0.03: mean outlier fraction 0.159 vs threshold 0.067).
+    Measured on the committed samples (3-4 ns of each replica): bundled library 0.98 of r1's 100
+    frames valid (rotamer 1.00); densities fitted on r0 alone 0.21 (rotamer 0.23). On the first
+    1 ns of each (an earlier session's machine): 0.99 (rotamer 1.00) vs 0.03 (rotamer 0.03).
     """
-    runs = [_finished_run("2M9I", k) for k in (0, 1)]
-    r0, r1 = (md.load(str(r / "traj.dcd"), top=str(r / "topology.pdb"))[:100] for r in runs)
+    r0, r1 = _allatom_2m9i(0), _allatom_2m9i(1)
     new = allatom_validity(r1, fit_allatom_criteria(r0))
     old = allatom_validity(r1, fit_allatom_criteria(r0, dihedrals="reference"))
     assert new.valid.mean() >= 0.9 and new.rotamer_ok.mean() >= 0.95
