@@ -91,6 +91,7 @@ def facts(model_path: str | None, manifest_path: str = DEFAULT_MANIFEST) -> list
     if data:
         per = {}
         extra = set()
+        restarted = 0
         for t in data:
             p = per.setdefault(t["protein"], {"ns": 0.0, "replicas": 0, "residues": None})
             p["ns"] += t["total_ns"] or 0.0  # None: an older model whose shard has changed since
@@ -100,6 +101,7 @@ def facts(model_path: str | None, manifest_path: str = DEFAULT_MANIFEST) -> list
                 p["residues"] = e["residues"]
                 sh = load_shard(os.path.join(base, e["file"]))
                 extra.add((sh.forcefield, sh.temperature_k))
+                restarted += bool(sh.provenance.get("restarts"))
         total = sum(p["ns"] for p in per.values())
         prot = "; ".join(f"{n} ({p['residues'] or '?'} res, {p['ns']:.3g} ns" +
                          (f", {p['replicas']} replicas)" if p["replicas"] > 1 else ")") for n, p in per.items())
@@ -109,7 +111,10 @@ def facts(model_path: str | None, manifest_path: str = DEFAULT_MANIFEST) -> list
         rows.append(("data", f"{len(per)} training proteins, {total:.3g} ns in all, frames every "
                              f"{', '.join(f'{s * 1000:g}' for s in spacing)} ps ({ff}): {prot}" +
                              (f" ({unknown} trajectories no longer in the manifest: their ns are not counted)"
-                              if unknown else "")))
+                              if unknown else "") +
+                             (f"; {restarted} of {len(data)} trajectories have a reconstructed restart (side chains "
+                              "rebuilt on their backbone on a new machine, training/restore_md.py), which training "
+                              "windows below Δt = 1 ns never span" if restarted else "")))
     else:
         rows.append(("data", f"training proteins {', '.join(meta.get('train_proteins', []))} (this model file "
                              "predates the per-trajectory record)"))

@@ -55,3 +55,25 @@ def test_facts_of_a_model_whose_training_shards_changed_since(manifest, tmp_path
     model = export.export(tmp_path / "old.pt", tmp_path / "old_model.pt")
     rows = dict(model_card.facts(str(model), str(manifest)))
     assert "trajectories no longer in the manifest" in rows["data"]
+
+
+def test_restarted_training_trajectories_are_counted(manifest, tmp_path):  # noqa: F811
+    """A training shard with a reconstructed restart (training/restore_md.py) is named in the data row."""
+    import shutil
+
+    from openmm_starmd.data import load_shard, save_shard
+
+    shutil.copytree(manifest.parent, tmp_path / "data")
+    path = tmp_path / "data" / manifest.name
+    m = json.loads(path.read_text())
+    entry = next(e for e in m["shards"] if e["split"] == "train")
+    shard = load_shard(str(path.parent / entry["file"]))
+    shard.provenance = dict(shard.provenance, restarts=[{"frame": shard.n_frames // 2, "kind": "reconstructed"}])
+    entry["sha256"] = save_shard(str(path.parent / entry["file"]), shard)
+    path.write_text(json.dumps(m))
+    out = tmp_path / "model.pt"
+    train.train(tiny_config(path, tmp_path / "run", steps=1, export=str(out)), log=lambda *a, **k: None)
+    n_train = sum(e["split"] == "train" for e in m["shards"])
+    assert f"1 of {n_train} trajectories have a reconstructed restart" in dict(model_card.facts(str(out), str(path)))["data"]
+    rows = dict(model_card.facts(str(out), str(manifest)))  # the original shards: none restarted
+    assert "reconstructed restart" not in rows["data"]
