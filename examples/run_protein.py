@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     cp = integrator.ca_projection
     print(f"Cα projection (keep_ca_geometry, default): moved {cp['moved']} of {cp['frames']} generated frames back "
           f"into the bounds MD keeps (largest residue move {cp['max_move_nm'] * 10:.2f} Å).")
+    if integrator.ca_repaired_frames:
+        print(f"{integrator.ca_repaired_frames} all-atom frame(s) re-minimised with Cα fixed: the restrained "
+              "minimisation had broken the generated Cα trace.")
     if integrator.strained_frames:
         print(f"{integrator.strained_frames} all-atom frame(s) strained beyond repair (see the BackmapWarning above).")
 
