@@ -32,7 +32,8 @@ done only while its outputs have the sha256 recorded when it ended.
 
 Across machines (every session of ours starts on a fresh clone, with ``training/runs/`` empty):
 ``release.py --save`` packs OUT (records, logs, training checkpoints, outputs; ~10-20 MB) into
-``training/release_state/<OUT name>.tar.gz`` to commit; the release command on a clone whose OUT
+``training/release_state/<OUT name>.tar.gz`` to commit (the default OUT also saves itself there
+every 15 minutes and after each step, ``--save-every``); the release command on a clone whose OUT
 has no ``release.json`` unpacks it first and goes on. The bundled model a cut-off release
 exported is not trusted unless committed: its sha256 must match the record, else export reruns.
 
@@ -307,8 +308,17 @@ def select_until(steps: list[Step], until: str | None) -> list[Step]:
 
 
 def run(args) -> int:
-    restore_release(args.out, args.state_dir)
+    if args.state_dir:
+        restore_release(args.out, args.state_dir)
     steps = select_until(plan(args), args.until)
+    last_save = time.time()
+
+    def autosave(reason: str) -> None:
+        nonlocal last_save
+        if args.state_dir and args.save_every > 0:
+            print(f"[{_now()}] saving the release ({reason})", flush=True)
+            save_release(args.out, args.state_dir)
+            last_save = time.time()
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     state_path = os.path.join(args.out, "release.json")
     state = load_state(state_path)
@@ -359,6 +369,8 @@ def run(args) -> int:
                 pending.clear()
             break
         time.sleep(args.poll)
+        if running and time.time() - last_save > 60 * args.save_every:
+            autosave(f"every {args.save_every:g} min")
         for name, (proc, log, stdout) in list(running.items()):
             rc = proc.poll()
             if rc is None:
@@ -388,6 +400,7 @@ def run(args) -> int:
                 rec["output_sha256"] = _output_digests(by_name[name], args.out)
                 save_state(state_path, state)
                 print(f"[{_now()}] {name}: done", flush=True)
+                autosave(f"{name} done")
     if failed:
         print(f"release stopped with {len(failed)} step(s) not done: {', '.join(sorted(failed))}; fix the cause and "
               "rerun the same command to continue.", flush=True)
@@ -426,19 +439,30 @@ def main(argv=None) -> int:
     p.add_argument("--save", action="store_true",
                    help="pack OUT into --state-dir to commit (a session ending mid-release); the release command "
                         "restores it on a clone whose OUT is empty")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where --save puts, and a run looks for, saved releases")
+    p.add_argument("--state-dir", default=None,
+                   help="where --save puts, and a run looks for, saved releases (default training/release_state "
+                        "for the default --out, else none)")
+    p.add_argument("--save-every", type=float, default=15.0,
+                   help="with a state dir, also save OUT there every this many minutes and after each step "
+                        "(0: only --save), so a session that ends unexpectedly leaves a recent copy to commit")
     args = p.parse_args(argv)
+    default_out = os.path.abspath(os.path.join(ROOT, "training", "runs", "release"))
     args.out = os.path.abspath(args.out)
+    if args.state_dir is None and args.out == default_out:
+        args.state_dir = DEFAULT_STATE_DIR
     args.manifest = os.path.abspath(args.manifest)
     args.config = os.path.abspath(args.config)
     if not args.rehearsal and (args.steps or args.frames != SELECT_FRAMES):
         p.error("--steps and --frames change the procedure; they are for --rehearsal runs only.")
     try:
         if args.save:
+            if not args.state_dir:
+                p.error("--save needs --state-dir for an --out other than the default.")
             save_release(args.out, args.state_dir)
             return 0
         if args.dry_run:
-            restore_release(args.out, args.state_dir)
+            if args.state_dir:
+                restore_release(args.out, args.state_dir)
             return dry_run(args)
         return run(args)
     except ReleaseError as exc:

@@ -165,3 +165,17 @@ def test_an_exported_bundled_model_that_did_not_land_is_exported_again(tmp_path)
     inside.parent.mkdir()
     inside.write_text("{}")
     assert release._output_digests(release.Step("select", ["x"], [str(inside)]), str(tmp_path / "out")) == {}
+
+
+def test_a_release_with_a_state_dir_saves_itself_after_each_step(rehearsal, tmp_path):
+    import tarfile
+
+    state_dir = tmp_path / "state"
+    args = [a if a != "export" else "train_a" for a in rehearsal["args"]]
+    args = [a if a != rehearsal["out"] else tmp_path / "rel2" for a in args] + ["--state-dir", state_dir]
+    proc = _release(*args)
+    assert "saving the release (train_a done)" in proc.stdout
+    with tarfile.open(state_dir / "rel2.tar.gz") as tar:
+        record = json.load(tar.extractfile("release.json"))
+        assert "a/checkpoint.pt" in tar.getnames()
+    assert record["steps"]["train_a"]["rc"] == 0
