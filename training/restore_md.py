@@ -100,6 +100,15 @@ def export_state(run_dir: str, checkpoint_text: str, state_dir: str) -> None:
             _write_if_changed(os.path.join(state_dir, name), fh.read())
     with open(os.path.join(run_dir, "system.xml"), "rb") as fh:
         _write_if_changed(os.path.join(state_dir, "system.xml.gz"), _gzip_bytes(fh.read()))
+    # the run's `done` marker (its requested length reached) travels too: the manifest's
+    # "complete" flag, which the evaluation requires, is read from it
+    done = os.path.join(run_dir, "done")
+    frames = int(json.loads(checkpoint_text)["frames"])
+    if os.path.exists(done) and int(json.load(open(done))["frames"]) == frames:
+        with open(done, "rb") as fh:
+            _write_if_changed(os.path.join(state_dir, "done"), fh.read())
+    elif os.path.exists(os.path.join(state_dir, "done")):
+        os.remove(os.path.join(state_dir, "done"))
     # checkpoint last: a state directory with a checkpoint is complete
     _write_if_changed(os.path.join(state_dir, "checkpoint.json.gz"), _gzip_bytes(checkpoint_text.encode()))
 
@@ -214,6 +223,10 @@ def restore_exact(run_dir: str, state_dir: str, shard, log=print) -> int:
     for name in ("allatom_sample.dcd", "allatom_sample.json"):
         if os.path.exists(os.path.join(state_dir, name)):
             shutil.copy(os.path.join(state_dir, name), os.path.join(tmp, name))
+    if os.path.exists(os.path.join(state_dir, "done")):
+        with open(os.path.join(state_dir, "done")) as fh:
+            if int(json.load(fh)["frames"]) == frames:
+                shutil.copy(os.path.join(state_dir, "done"), os.path.join(tmp, "done"))
     with gzip.open(os.path.join(state_dir, "system.xml.gz"), "rb") as fh:
         simulate._atomic_write_text(os.path.join(tmp, "system.xml"), fh.read().decode())
     with open(os.path.join(tmp, "record.json")) as fh:

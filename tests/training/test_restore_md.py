@@ -49,7 +49,7 @@ def _continue_and_build(run_dir, pdb, ns, data_dir, md_root):
 
 def test_state_exported_with_shard(exported):
     state = exported["base"] / "state" / "2M9I" / "r0"
-    assert sorted(p.name for p in state.iterdir()) == ["checkpoint.json.gz", "record.json", "start.pdb",
+    assert sorted(p.name for p in state.iterdir()) == ["checkpoint.json.gz", "done", "record.json", "start.pdb",
                                                        "system.xml.gz", "topology.pdb"]
     ckpt = json.loads(gzip.open(state / "checkpoint.json.gz").read())
     assert ckpt["frames"] == exported["manifest"]["shards"][0]["frames"] == 24
@@ -76,6 +76,11 @@ def test_exact_restore_continues_the_same_trajectory(exported, tmp_path):
     assert restore_md.ensure_run_dir(str(fresh), _args(pdb, fresh), "2M9I", 0, str(base / "data" / "manifest.json"),
                                      str(base / "state")) == "present"
     shutil.copytree(base / "data", tmp_path / "fresh_data")
+    # a finished run stays finished on the clone (the manifest's "complete", which evaluations need)
+    assert (fresh / "done").exists()
+    again = prepare.build(str(tmp_path / "fresh"), str(tmp_path / "fresh_data" / "shards"),
+                          str(tmp_path / "fresh_data" / "manifest.json"), None, log=lambda *a: None)
+    assert again["shards"][0]["complete"] and again["shards"][0]["frames"] == 24
     got = _continue_and_build(fresh, pdb, 0.0064, tmp_path / "fresh_data", tmp_path / "fresh")
     (e_ref,), (e_got,) = ref["shards"], got["shards"]
     assert e_ref["frames"] == e_got["frames"] == 32
