@@ -186,6 +186,12 @@ def build(md_root: str, out_dir: str, manifest_path: str, plan_path: str | None 
     manifest = {"format_version": FORMAT_VERSION, "created": _dt.datetime.now().isoformat(timespec="seconds"),
                 "md_root": os.path.relpath(os.path.abspath(md_root), base),
                 "shards": sorted(entries, key=lambda e: (e["split"], e["protein"], e["replica"]))}
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as fh:
+            previous = json.load(fh)
+        if {k: v for k, v in previous.items() if k != "created"} == {k: v for k, v in manifest.items() if k != "created"}:
+            # nothing changed: the file stays byte for byte (a release records the manifest's sha256)
+            return previous
     tmp = manifest_path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(manifest, fh, indent=1)

@@ -143,9 +143,12 @@ def test_fresh_clone_keeps_shards_it_has_no_md_for(exported, tmp_path):
     base = exported["base"]
     shutil.copytree(base / "data", tmp_path / "data")
     (tmp_path / "md").mkdir()
+    before = (tmp_path / "data" / "manifest.json").read_bytes()
     manifest = prepare.build(str(tmp_path / "md"), str(tmp_path / "data" / "shards"),
                              str(tmp_path / "data" / "manifest.json"), None, log=lambda *a: None)
     assert [(e["protein"], e["frames"]) for e in manifest["shards"]] == [("2M9I", 24)]
+    # nothing changed, so not a byte of the manifest (a release in progress records its sha256)
+    assert (tmp_path / "data" / "manifest.json").read_bytes() == before
 
 
 def test_no_shard_means_fresh_start(exported, tmp_path):
