@@ -72,6 +72,11 @@ class RestoreError(RuntimeError):
 # committed state: write (prepare.py) and read
 # --------------------------------------------------------------------------------------------
 
+def _read_json(path: str):
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def _gzip_bytes(data: bytes) -> bytes:
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=9) as gz:
@@ -104,7 +109,7 @@ def export_state(run_dir: str, checkpoint_text: str, state_dir: str) -> None:
     # "complete" flag, which the evaluation requires, is read from it
     done = os.path.join(run_dir, "done")
     frames = int(json.loads(checkpoint_text)["frames"])
-    if os.path.exists(done) and int(json.load(open(done))["frames"]) == frames:
+    if os.path.exists(done) and int(_read_json(done)["frames"]) == frames:
         with open(done, "rb") as fh:
             _write_if_changed(os.path.join(state_dir, "done"), fh.read())
     elif os.path.exists(os.path.join(state_dir, "done")):
@@ -125,7 +130,7 @@ def export_allatom_sample(run_dir: str, checkpoint_text: str, state_dir: str) ->
     from. Returns whether it wrote."""
     import mdtraj as md
 
-    record = json.load(open(os.path.join(run_dir, "record.json")))
+    record = _read_json(os.path.join(run_dir, "record.json"))
     total = int(json.loads(checkpoint_text)["frames"])
     first = int(record.get("dcd_first_frame", 0))
     n_local = total - first
@@ -159,13 +164,13 @@ def allatom_md(run_dir: str, min_frames: int = SAMPLE_FRAMES):
     dcd = os.path.join(run_dir, "traj.dcd")
     local = 0
     if os.path.exists(os.path.join(run_dir, "checkpoint.json")) and os.path.exists(dcd):
-        record = json.load(open(os.path.join(run_dir, "record.json")))
+        record = _read_json(os.path.join(run_dir, "record.json"))
         local = simulate.read_checkpoint_frames(run_dir) - int(record.get("dcd_first_frame", 0))
     sample = os.path.join(run_dir, "allatom_sample.dcd")
     if local >= min_frames or (local >= 10 and not os.path.exists(sample)):
         return dcd, top, local, f"{local} frames of {os.path.relpath(dcd)}"
     if os.path.exists(sample) and os.path.exists(top):
-        meta = json.load(open(os.path.join(run_dir, "allatom_sample.json")))
+        meta = _read_json(os.path.join(run_dir, "allatom_sample.json"))
         return sample, top, int(meta["frames"]), (f"{meta['frames']} frames sampled every {meta['stride']} of "
                                                   f"{meta['source_frames']} (committed with the MD state)")
     return None
