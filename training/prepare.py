@@ -199,9 +199,10 @@ def build(md_root: str, out_dir: str, manifest_path: str, plan_path: str | None 
     return manifest
 
 
-def summary(manifest: dict, window: int = 2, min_window: int | None = None) -> str:
+def summary(manifest: dict, window: int = 2, min_window: int | None = None, base: str | None = None) -> str:
     """A text table of the data set and the Δt range it supports for windows of ``window`` frames
-    (and of ``min_window`` frames, the shortest training examples, when given and smaller)."""
+    (and of ``min_window`` frames, the shortest training examples, when given and smaller). With
+    ``base`` (the manifest's folder) it also names the trajectories with reconstructed restarts."""
     rows = {}
     for e in manifest["shards"]:
         r = rows.setdefault(e["protein"], dict(split=e["split"], residues=e["residues"], replicas=0, ns=0.0,
@@ -235,6 +236,15 @@ def summary(manifest: dict, window: int = 2, min_window: int | None = None) -> s
         short = [n for n, r in rows.items() if r["split"] == "test" and r["replicas"] < 2]
         if short:
             lines.append(f"test proteins with fewer than 2 replicas: {', '.join(short)}")
+        if base is not None:
+            restarted = []
+            for e in manifest["shards"]:
+                frames = [r["frame"] for r in load_shard(os.path.join(base, e["file"])).provenance.get("restarts", [])]
+                if frames:
+                    restarted.append(f"{e['protein']}/r{e['replica']} (frame {', '.join(map(str, frames))})")
+            if restarted:
+                lines.append(f"{len(restarted)} trajectories have a reconstructed restart (training/restore_md.py; "
+                             f"training windows below 1 ns never span it): {'; '.join(restarted)}")
         lines.append(floor_line(floor_status(manifest)))
     return "\n".join(lines)
 
@@ -352,7 +362,7 @@ def main(argv=None) -> int:
             load_shard(os.path.join(base, e["file"]), sha256=e["sha256"])
         print(f"verified {len(manifest['shards'])} shards")
     if args.summary:
-        print(summary(manifest, args.window, args.min_window))
+        print(summary(manifest, args.window, args.min_window, os.path.dirname(os.path.abspath(args.manifest))))
     if args.check_floor:
         status = floor_status(manifest)
         if not args.summary:

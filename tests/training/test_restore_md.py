@@ -126,6 +126,8 @@ def test_reconstructed_restore_keeps_backbone_and_records_restart(exported, tmp_
     assert shard.n_frames == 28 and np.all(np.isfinite(shard.coords_nm))
     np.testing.assert_array_equal(shard.coords_nm[:24], old.coords_nm)
     assert shard.provenance["restarts"][0]["frame"] == 24
+    text = prepare.summary(got, base=str(tmp_path / "data"))
+    assert "1 trajectories have a reconstructed restart" in text and "2M9I/r0 (frame 24)" in text
     # the first frame after the restart is one ordinary 0.2-ps step away, not a jump
     step = np.sqrt(np.mean(np.sum((shard.coords_nm[24, :, 1] - shard.coords_nm[23, :, 1]) ** 2, -1)))
     assert step < 0.05
