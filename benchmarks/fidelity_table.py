@@ -13,8 +13,9 @@ every Δt (``--dt-ns``, default 1 ns and "finest", the reference frame spacing),
    the backbone trajectories of the manifest's shards, every frame) and runs
    :func:`openmm_starmd.analysis.evaluate_many`, which adds the ANM and Gaussian-noise rows; the
    all-atom validity thresholds are fitted on replica 0's all-atom frames on this machine
-   (``--md-root``; after a restore on a fresh clone, the frames since then), and the oracle row
-   has Cα validity only (its shard is backbone);
+   (``--md-root``; after a restore on a fresh clone, the frames since then, or the sample
+   committed with the state), and the oracle row's all-atom and combined validity come from
+   replica 1's all-atom frames found the same way (its other columns from its shard);
 3. prints one Markdown table of medians over proteins (rows: each model, MD oracle, ANM,
    Gaussian noise; one block per Δt) and writes it to ``OUT/fidelity.md``.
 
@@ -186,7 +187,7 @@ def find_targets(names: list[str], manifest: Path, out: Path, md_root: Path | No
         if ref is None:
             skipped[name] = f"no reference MD: {why}"
             continue
-        rep, why_rep = load_md_run(entries.get((name, 1)), manifest, out)
+        rep, why_rep = load_md_run(entries.get((name, 1)), manifest, out, md_root)
         t = Target(name, ref, None)
         if rep is None:
             t.notes.append(f"no MD oracle: {why_rep}")
@@ -347,6 +348,9 @@ def manifest_entry(target: Target, gen_dir: Path, dt_ns: float, base: Path, with
     if with_oracle and target.replica is not None:
         entry["replica"] = rel(target.replica.traj)
         entry["replica_top"] = rel(target.replica.top)
+        if target.replica.allatom is not None:
+            entry["replica_allatom"], entry["replica_allatom_top"] = (rel(target.replica.allatom[0]),
+                                                                       rel(target.replica.allatom[1]))
     if ref.allatom is not None:
         entry["criteria_reference"], entry["criteria_top"] = rel(ref.allatom[0]), rel(ref.allatom[1])
     return entry

@@ -22,7 +22,7 @@ The procedure is the one written down before the floor data existed, step for st
    ``long_horizon`` (benchmark 2: 1 μs on the test proteins) then ``long_horizon_10us`` (villin
    continued to 10 μs), and ``peptide_test`` (the integrator test with the bundled model).
 
-Every step runs as a subprocess with ``OMP_NUM_THREADS=1`` and its own log ``OUT/logs/<step>.log``;
+Every step runs as a subprocess with ``OMP_NUM_THREADS=1`` and ``OPENMM_CPU_THREADS=1`` and its own log ``OUT/logs/<step>.log``;
 ``OUT/release.json`` records each step's command, start, end and exit status. Rerunning the same
 command skips the steps recorded as done whose outputs exist, resumes the training runs from their
 checkpoints (``--resume auto``) and the long-horizon runs from their state files, and reruns
@@ -332,7 +332,11 @@ def run(args) -> int:
             print(f"[{_now()}] {s.name}: done earlier, skipped", flush=True)
     if os.system("pgrep -f training/run_queue.py > /dev/null 2>&1") == 0:
         print("note: the MD queue is running and shares the cores (stop it with `touch training/md/STOP`).", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # one thread each, OpenMM's CPU platform too: two steps share two cores, and a one-thread
+    # backmap is bitwise reproducible (a multithreaded one sums forces in varying order: on 2M9I
+    # at 1 ns that moved the fidelity table's model validity between 0/20 and 3/20 frames)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               OPENMM_CPU_THREADS="1")
     running: dict[str, tuple[subprocess.Popen, object]] = {}
     failed: set[str] = set()
     while pending or running:

@@ -432,7 +432,9 @@ def evaluate_many(manifest, out_dir: str, seed: int = 0, baselines: bool = True,
         ``replica`` (a second MD run, for the oracle row), ``replica_top``,
         ``reference_dt_ns``, ``tica_lag_ns``, and ``criteria_reference`` + ``criteria_top``: all-atom
         MD of the protein to fit the all-atom validity thresholds on when ``reference`` holds
-        only backbone atoms. Relative paths are relative to the manifest.
+        only backbone atoms, and ``replica_allatom`` + ``replica_allatom_top``: all-atom frames of
+        the replica's run whose all-atom and combined validity stand in the oracle row when
+        ``replica`` holds only backbone atoms. Relative paths are relative to the manifest.
     out_dir : str
         Folder to write: ``table.md``, ``summary.json`` and one report per target and row.
     seed : int
@@ -483,6 +485,16 @@ def evaluate_many(manifest, out_dir: str, seed: int = 0, baselines: bool = True,
                     ref, rep, rep_dt, os.path.join(folder, name, "oracle"),
                     labels=(t["reference"], t["replica"]), criteria=criteria,
                     make_plots=False, **common)
+                if t.get("replica_allatom") and criteria is not None and not is_all_atom(rep.topology):
+                    # a backbone replica: its validity columns from all-atom frames of the same run
+                    aa_rep = load_trajectory(path(t["replica_allatom"]), path(t["replica_allatom_top"]),
+                                             "replica_allatom")
+                    aa = allatom_validity(aa_rep, criteria)
+                    ca = ca_validity(aa_rep, ignore_pairs=broken_pairs(ref, 0))
+                    rows["MD oracle"]["summary"].update(
+                        allatom_validity=float(aa.valid.mean()),
+                        combined_validity=float((aa.valid & ca.valid).mean()),
+                        validity_from_allatom_frames=int(aa_rep.n_frames))
             if baselines:
                 ref_rmsf = rmsf(ref, ca_xyz(ref[:1])[0])
                 n = gen.n_frames

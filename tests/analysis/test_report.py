@@ -204,6 +204,14 @@ def test_backbone_reference_with_allatom_criteria_from_other_md(md_pair, md_file
     entry = {"name": "p", "reference": bb_path, "top": str(tmp_path / "backbone.pdb"),
              "generated": md_files["replica2"], "gen_top": md_files["top"], "dt_ns": md_files["dt_ns"],
              "criteria_reference": md_files["replica1"], "criteria_top": md_files["top"]}
+    # the oracle row: a backbone replica, its validity from all-atom frames of the same run
+    rep_bb = rep.atom_slice(rep.topology.select("backbone and (name N or name CA or name C or name O)"))
+    rep_bb.save_dcd(str(tmp_path / "replica_bb.dcd"))
+    entry.update(replica=str(tmp_path / "replica_bb.dcd"), replica_top=str(tmp_path / "backbone.pdb"),
+                 replica_allatom=md_files["replica2"], replica_allatom_top=md_files["top"])
     evaluate_many([entry], str(tmp_path / "many"), baselines=False, echo=False)
     summary = _strict_json(tmp_path / "many" / "summary.json")
     assert summary["p"]["model"]["allatom_validity"] == pytest.approx(direct["allatom_validity"])
+    oracle = summary["p"]["MD oracle"]
+    assert oracle["allatom_validity"] == pytest.approx(direct["allatom_validity"])  # replica2 = generated here
+    assert oracle["validity_from_allatom_frames"] == rep.n_frames
