@@ -70,6 +70,17 @@ SELECT_FRAMES = 50
 ROLLOUT_DT_NS = ["0.01", "0.1", "0.3", "1.0"]
 
 
+def _queue_running() -> bool:
+    """Whether an MD queue worker (training/run_queue.py) is running on this machine.
+
+    pgrep without a shell: through ``os.system`` the shell's own command line matched the pattern.
+    """
+    try:
+        return subprocess.run(["pgrep", "-f", "training/run_queue[.]py"], capture_output=True).returncode == 0
+    except OSError:  # no pgrep
+        return False
+
+
 class ReleaseError(RuntimeError):
     """The release cannot go on; the message names the problem and the fix."""
 
@@ -330,7 +341,7 @@ def run(args) -> int:
     for s in steps:
         if s not in pending:
             print(f"[{_now()}] {s.name}: done earlier, skipped", flush=True)
-    if os.system("pgrep -f training/run_queue.py > /dev/null 2>&1") == 0:
+    if _queue_running():
         print("note: the MD queue is running and shares the cores (stop it with `touch training/md/STOP`).", flush=True)
     # one thread each, OpenMM's CPU platform too: two steps share two cores, and a one-thread
     # backmap is bitwise reproducible (a multithreaded one sums forces in varying order: on 2M9I

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from training_helpers import load_training_module
+
+REPO = Path(__file__).resolve().parents[2]
 
 select_model = load_training_module("select_model")
 
@@ -54,11 +57,14 @@ def test_select_on_the_validation_protein(tmp_path, two_models, capsys):
     assert select_model.main(two_models + ["--t-min", "0.01", "0.1", "--dt-ns", "0.01", "--frames", "3",
                                            "--json", str(out)]) == 0
     got = json.loads(out.read_text())
-    assert got["split"] == "validation" and got["proteins"] == ["1GJS"]
+    manifest = json.loads((REPO / "training" / "data" / "manifest.json").read_text())
+    validation = sorted({e["protein"] for e in manifest["shards"] if e["split"] == "validation"})
+    assert "1GJS" in validation and "2M9I" not in validation  # a test protein never decides
+    assert got["split"] == "validation" and got["proteins"] == validation
     assert [(c["model"], c["t_min"]) for c in got["candidates"]] == [(m, t) for m in two_models for t in (0.01, 0.1)]
     for c in got["candidates"]:
         assert 0 <= c["validity"] <= 1 and c["step_error"] >= 0
-        assert c["rows"][0]["protein"] == "1GJS" and c["rows"][0]["t_min"] == c["t_min"]
+        assert [r["protein"] for r in c["rows"]] == validation and c["rows"][0]["t_min"] == c["t_min"]
     # the recorded choice is what the rule gives on the recorded scores
     ranked = select_model.pick(got["candidates"])
     assert got["chosen"] == {"model": ranked["model"], "t_min": ranked["t_min"]}
