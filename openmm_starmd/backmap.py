@@ -61,6 +61,7 @@ notion of disulfides, and over long rollouts of crambin it pulled the cysteines 
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -338,6 +339,23 @@ def without_implicit_solvent(system: openmm.System) -> openmm.System:
     return copy
 
 
+def screen_coulomb(system: openmm.System, dielectric: float) -> None:
+    """Divide every Coulomb interaction of ``system``'s NonbondedForces by ``dielectric`` (in place).
+
+    Particle charges are scaled by 1/sqrt(dielectric) and exception charge products by
+    1/dielectric; Lennard-Jones terms are untouched.
+    """
+    f = 1.0 / math.sqrt(dielectric)
+    for force in system.getForces():
+        if isinstance(force, openmm.NonbondedForce):
+            for i in range(force.getNumParticles()):
+                q, sigma, epsilon = force.getParticleParameters(i)
+                force.setParticleParameters(i, q * f, sigma, epsilon)
+            for i in range(force.getNumExceptions()):
+                a, b, qq, sigma, epsilon = force.getExceptionParameters(i)
+                force.setExceptionParameters(i, a, b, qq * (f * f), sigma, epsilon)
+
+
 def _constraints_to_bonds(system: openmm.System) -> None:
     """Replace every distance constraint of ``system`` by a stiff harmonic bond (in place)."""
     if system.getNumConstraints() == 0:
@@ -432,6 +450,12 @@ class Backmapper:
         1e5 kJ/mol/nm² (10 kJ/mol per 0.1 Å²), kept Cα within 0.03-0.09 Å of their targets for
         NMR-model and 1-ns-sized random motions in our tests while bonds and clashes relax;
         10x stiffer tightens that to ~0.01 Å but lets less strain out of the peptide bonds.
+    dielectric : float
+        ``mode="vacuum"`` only: relative permittivity of the minimisation's Coulomb term (every
+        charge scaled by 1/sqrt(dielectric) in the private copy). 1 is bare vacuum, where charged
+        and polar groups over-attract without solvent and minimise into close contacts that MD in
+        solvent does not make; see benchmarks/RESULTS.md ("Backmap electrostatics") for what
+        larger values do to clashes, rotamers and energies.
     max_iterations : int
         Iteration cap of the local minimisation (0: until converged); 200 suffices for frames
         ~1 ns apart, where the minimiser usually stops on ``tolerance`` first.
@@ -462,6 +486,7 @@ class Backmapper:
         restraint_k=1.0e5 * unit.kilojoule_per_mole / unit.nanometer**2,
         max_iterations: int = 200,
         tolerance=10.0 * unit.kilojoule_per_mole / unit.nanometer,
+        dielectric: float = 1.0,
         platform=None,
         platform_properties: Optional[dict] = None,
         deterministic: bool = False,
@@ -472,6 +497,13 @@ class Backmapper:
             raise ValueError(f"restrain={restrain!r} is not known; use 'CA' or 'backbone'.")
         if hold not in ("restrain", "fix"):
             raise ValueError(f"hold={hold!r} is not known; use 'restrain' or 'fix'.")
+        dielectric = float(dielectric)
+        if not (np.isfinite(dielectric) and dielectric >= 1.0):
+            raise ValueError(f"dielectric={dielectric!r} must be a finite number >= 1 (1 = vacuum).")
+        if dielectric != 1.0 and mode != "vacuum":
+            raise ValueError(f"dielectric={dielectric:g} applies to mode='vacuum' only (mode={mode!r} "
+                             "minimises under the System's own electrostatics); drop it or use mode='vacuum'.")
+        self.dielectric = dielectric
         self.hold = hold
         self.repair_ca = bool(repair_ca)
         #: frames whose restrained minimisation broke the generated Cα trace and were minimised
@@ -553,6 +585,8 @@ class Backmapper:
             system = openmm.XmlSerializer.deserialize(self._system_xml)
             if self.mode == "vacuum":
                 system = without_implicit_solvent(system)
+                if self.dielectric != 1.0:
+                    screen_coulomb(system, self.dielectric)
             _constraints_to_bonds(system)
             shield_bare_hydrogens(system)
             force = openmm.CustomExternalForce(

@@ -26,6 +26,7 @@ from openmm_starmd.backmap import (
     atom_layout,
     disulfide_bonds,
     rigid_transport,
+    screen_coulomb,
     separate_overlaps,
     shield_bare_hydrogens,
     without_implicit_solvent,
@@ -384,6 +385,53 @@ def test_without_implicit_solvent_removes_gb_forces_only(fragment):
         assert stripped.getNumParticles() == system.getNumParticles()
 
 
+def _nonbonded_energy_kj(system: openmm.System, positions_nm: np.ndarray, coulomb: bool = True) -> float:
+    """Energy of ``system``'s NonbondedForce alone (LJ + Coulomb, or LJ only)."""
+    copy = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+    for i in reversed(range(copy.getNumForces())):
+        if not isinstance(copy.getForce(i), openmm.NonbondedForce):
+            copy.removeForce(i)
+    if not coulomb:
+        screen_coulomb(copy, 1e12)
+    context = openmm.Context(copy, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(positions_nm)
+    return context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+
+def test_screen_coulomb_divides_the_coulomb_energy_and_keeps_lennard_jones(fragment):
+    system = without_implicit_solvent(fragment.system)
+    x = fragment.positions_nm
+    lj = _nonbonded_energy_kj(system, x, coulomb=False)
+    coulomb = _nonbonded_energy_kj(system, x) - lj
+    assert abs(coulomb) > 100  # a real protein fragment: the check below is not 0 == 0
+    screened = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+    screen_coulomb(screened, 4.0)
+    assert _nonbonded_energy_kj(screened, x, coulomb=False) == pytest.approx(lj, rel=1e-9)
+    assert _nonbonded_energy_kj(screened, x) - lj == pytest.approx(coulomb / 4.0, rel=1e-6)
+
+
+def test_screened_vacuum_backmap_repairs_like_the_default(fragment, nmr_targets):
+    """dielectric=4: the same guarantees (peptide bonds, Cα on target, lower energy than the rigid
+    move), a different minimum than bare vacuum, and the user's System untouched."""
+    system_xml = openmm.XmlSerializer.serialize(fragment.system)
+    screened = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, platform="CPU",
+                          dielectric=4.0, deterministic=True)
+    bare = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, platform="CPU",
+                      deterministic=True)
+    rigid_only = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="none")
+    for target in nmr_targets:
+        result = screened.backmap(fragment.positions_nm, fragment.frames, target)
+        x = result.positions_nm
+        bonds = _peptide_bonds_a(x, fragment.backbone_atoms)
+        assert bonds.min() > PEPTIDE_MIN_A and bonds.max() < PEPTIDE_MAX_A
+        assert _ca_rmsd_a(x, fragment.backbone_atoms, target) < CA_RMSD_MAX_A
+        assert result.potential_energy_kj < rigid_only.backmap(fragment.positions_nm, fragment.frames,
+                                                              target).potential_energy_kj
+        other = bare.backmap(fragment.positions_nm, fragment.frames, target).positions_nm
+        assert np.abs(x - other).max() > 1e-3  # nm: the screening changed where the minimiser went
+    assert openmm.XmlSerializer.serialize(fragment.system) == system_xml
+
+
 def test_atom_layout_moves_caps_with_their_neighbours_and_leaves_water(capped_pdb, ubiquitin_pdb):
     capped = app.PDBFile(str(capped_pdb))
     protein = extract_protein(capped.topology, capped.positions)
@@ -408,5 +456,9 @@ def test_invalid_arguments_are_named(fragment):
         Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="fast")
     with pytest.raises(ValueError, match="restrain='all'"):
         Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, restrain="all")
+    with pytest.raises(ValueError, match="dielectric=0.5 must be a finite number >= 1"):
+        Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, dielectric=0.5)
+    with pytest.raises(ValueError, match="applies to mode='vacuum' only"):
+        Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="system", dielectric=4)
     with pytest.raises(ValueError, match="atom_residue has 3 entries"):
         Backmapper(fragment.system, [0, 0, 0], fragment.backbone_atoms)
