@@ -32,8 +32,11 @@ backmapped frame: 76 residues / 1,231 atoms 1.3 s in vacuum vs 60 s under the fu
 200 residues / 3,203 atoms 4.3 s vs 417 s):
 
 - ``"vacuum"`` (default): the System copy loses its implicit-solvent forces (``GBSAOBCForce``,
-  ``CustomGBForce``, ``AmoebaGeneralizedKirkwoodForce``). Local repairs of bond geometry and clashes
-  are dominated by bonded and Lennard-Jones terms, so solvation adds cost but little benefit.
+  ``CustomGBForce``, ``AmoebaGeneralizedKirkwoodForce``) and its Coulomb term is divided by
+  ``dielectric`` (default 16). Local repairs of bond geometry and clashes are dominated by bonded
+  and Lennard-Jones terms, so solvation adds cost but little benefit; bare vacuum Coulomb,
+  though, pulls polar and charged groups into contacts that solvated MD does not make, so it is
+  screened (benchmarks/RESULTS.md, "Backmap electrostatics").
 - ``"system"``: minimise under the full System.
 - ``"none"``: rigid transport only; fastest, but inter-residue bonds are left stretched.
 
@@ -89,6 +92,10 @@ __all__ = [
 ]
 
 BACKMAP_MODES = ("vacuum", "system", "none")
+
+#: Default relative permittivity of the ``"vacuum"`` minimisation's Coulomb term (Backmapper's
+#: ``dielectric``), picked on validation/training proteins by benchmarks/backmap_validity.py.
+VACUUM_DIELECTRIC = 16.0
 
 #: Forces that implement implicit solvent; removed from the System copy in ``"vacuum"`` mode.
 IMPLICIT_SOLVENT_FORCES = (
@@ -450,12 +457,14 @@ class Backmapper:
         1e5 kJ/mol/nm² (10 kJ/mol per 0.1 Å²), kept Cα within 0.03-0.09 Å of their targets for
         NMR-model and 1-ns-sized random motions in our tests while bonds and clashes relax;
         10x stiffer tightens that to ~0.01 Å but lets less strain out of the peptide bonds.
-    dielectric : float
+    dielectric : float, optional
         ``mode="vacuum"`` only: relative permittivity of the minimisation's Coulomb term (every
-        charge scaled by 1/sqrt(dielectric) in the private copy). 1 is bare vacuum, where charged
-        and polar groups over-attract without solvent and minimise into close contacts that MD in
-        solvent does not make; see benchmarks/RESULTS.md ("Backmap electrostatics") for what
-        larger values do to clashes, rotamers and energies.
+        charge scaled by 1/sqrt(dielectric) in the private copy); default
+        :data:`VACUUM_DIELECTRIC` (16). 1 is bare vacuum, where charged and polar groups
+        over-attract without solvent and minimise into close contacts and strained side chains
+        that MD in solvent does not make. The default was chosen by a rule fixed in advance on a
+        validation and a training protein (benchmarks/RESULTS.md, "Backmap electrostatics"):
+        more frames pass the clash and rotamer checks, slightly fewer the Ramachandran check.
     max_iterations : int
         Iteration cap of the local minimisation (0: until converged); 200 suffices for frames
         ~1 ns apart, where the minimiser usually stops on ``tolerance`` first.
@@ -486,7 +495,7 @@ class Backmapper:
         restraint_k=1.0e5 * unit.kilojoule_per_mole / unit.nanometer**2,
         max_iterations: int = 200,
         tolerance=10.0 * unit.kilojoule_per_mole / unit.nanometer,
-        dielectric: float = 1.0,
+        dielectric: Optional[float] = None,
         platform=None,
         platform_properties: Optional[dict] = None,
         deterministic: bool = False,
@@ -497,13 +506,14 @@ class Backmapper:
             raise ValueError(f"restrain={restrain!r} is not known; use 'CA' or 'backbone'.")
         if hold not in ("restrain", "fix"):
             raise ValueError(f"hold={hold!r} is not known; use 'restrain' or 'fix'.")
-        dielectric = float(dielectric)
-        if not (np.isfinite(dielectric) and dielectric >= 1.0):
-            raise ValueError(f"dielectric={dielectric!r} must be a finite number >= 1 (1 = vacuum).")
-        if dielectric != 1.0 and mode != "vacuum":
-            raise ValueError(f"dielectric={dielectric:g} applies to mode='vacuum' only (mode={mode!r} "
+        if dielectric is not None and mode != "vacuum":
+            raise ValueError(f"dielectric={dielectric!r} applies to mode='vacuum' only (mode={mode!r} "
                              "minimises under the System's own electrostatics); drop it or use mode='vacuum'.")
-        self.dielectric = dielectric
+        dielectric = VACUUM_DIELECTRIC if dielectric is None else float(dielectric)
+        if not (np.isfinite(dielectric) and dielectric >= 1.0):
+            raise ValueError(f"dielectric={dielectric!r} must be a finite number >= 1 (1 = bare vacuum).")
+        #: relative permittivity of the vacuum minimisation's Coulomb term (1 in other modes: unused)
+        self.dielectric = dielectric if mode == "vacuum" else 1.0
         self.hold = hold
         self.repair_ca = bool(repair_ca)
         #: frames whose restrained minimisation broke the generated Cα trace and were minimised

@@ -179,7 +179,7 @@ class StarMDIntegrator(openmm.CustomIntegrator):
         ``diffusion_steps`` and ``window`` override its fields.
     backmap_options : dict, optional
         Extra keyword arguments for :class:`openmm_starmd.backmap.Backmapper` (``restrain``, ``hold``,
-        ``restraint_k``, ``max_iterations``, ``tolerance``, ``deterministic``).
+        ``restraint_k``, ``max_iterations``, ``tolerance``, ``dielectric``, ``deterministic``).
     keep_disulfides : bool
         Keep the Cα–Cα distance of every disulfide of the Topology (SG–SG bonds) within
         :data:`openmm_starmd.protein.DISULFIDE_CA_RANGE_NM` in each generated frame (the model

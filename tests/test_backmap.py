@@ -22,6 +22,7 @@ from openmm import app, unit
 from openmm_starmd.backmap import (
     Backmapper,
     BackmapError,
+    VACUUM_DIELECTRIC,
     BackmapWarning,
     atom_layout,
     disulfide_bonds,
@@ -410,25 +411,26 @@ def test_screen_coulomb_divides_the_coulomb_energy_and_keeps_lennard_jones(fragm
     assert _nonbonded_energy_kj(screened, x) - lj == pytest.approx(coulomb / 4.0, rel=1e-6)
 
 
-def test_screened_vacuum_backmap_repairs_like_the_default(fragment, nmr_targets):
-    """dielectric=4: the same guarantees (peptide bonds, Cα on target, lower energy than the rigid
-    move), a different minimum than bare vacuum, and the user's System untouched."""
+def test_bare_vacuum_backmap_repairs_like_the_screened_default(fragment, nmr_targets):
+    """dielectric=1 (bare vacuum, the default before 2026-11-27) keeps the guarantees (peptide
+    bonds, Cα on target, lower energy than the rigid move) and reaches a different minimum than
+    the screened default; the user's System is untouched."""
     system_xml = openmm.XmlSerializer.serialize(fragment.system)
-    screened = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, platform="CPU",
-                          dielectric=4.0, deterministic=True)
     bare = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, platform="CPU",
-                      deterministic=True)
+                      dielectric=1.0, deterministic=True)
+    screened = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, platform="CPU",
+                          deterministic=True)
     rigid_only = Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="none")
     for target in nmr_targets:
-        result = screened.backmap(fragment.positions_nm, fragment.frames, target)
+        result = bare.backmap(fragment.positions_nm, fragment.frames, target)
         x = result.positions_nm
         bonds = _peptide_bonds_a(x, fragment.backbone_atoms)
         assert bonds.min() > PEPTIDE_MIN_A and bonds.max() < PEPTIDE_MAX_A
         assert _ca_rmsd_a(x, fragment.backbone_atoms, target) < CA_RMSD_MAX_A
         assert result.potential_energy_kj < rigid_only.backmap(fragment.positions_nm, fragment.frames,
                                                               target).potential_energy_kj
-        other = bare.backmap(fragment.positions_nm, fragment.frames, target).positions_nm
-        assert np.abs(x - other).max() > 1e-3  # nm: the screening changed where the minimiser went
+        other = screened.backmap(fragment.positions_nm, fragment.frames, target).positions_nm
+        assert np.abs(x - other).max() > 1e-3  # nm: screening changes where the minimiser goes
     assert openmm.XmlSerializer.serialize(fragment.system) == system_xml
 
 
@@ -460,5 +462,7 @@ def test_invalid_arguments_are_named(fragment):
         Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, dielectric=0.5)
     with pytest.raises(ValueError, match="applies to mode='vacuum' only"):
         Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="system", dielectric=4)
+    assert Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="system").dielectric == 1.0
+    assert Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms).dielectric == VACUUM_DIELECTRIC
     with pytest.raises(ValueError, match="atom_residue has 3 entries"):
         Backmapper(fragment.system, [0, 0, 0], fragment.backbone_atoms)
