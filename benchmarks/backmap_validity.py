@@ -34,10 +34,12 @@ from openmm_starmd.checkpoints import load_model  # noqa: E402
 
 #: name -> Backmapper options (the integrator's defaults apart from these)
 SETTINGS = {
-    "vacuum": {},
+    "vacuum": {"dielectric": 1.0},
+    "default": {},
     "vacuum-eps4": {"dielectric": 4.0},
     "vacuum-eps16": {"dielectric": 16.0},
     "vacuum-eps80": {"dielectric": 80.0},
+    "vacuum-eps16-side-chains": {"dielectric": 16.0, "screen": "side_chains"},
     "system": {"mode": "system"},
 }
 

@@ -346,21 +346,53 @@ def without_implicit_solvent(system: openmm.System) -> openmm.System:
     return copy
 
 
-def screen_coulomb(system: openmm.System, dielectric: float) -> None:
-    """Divide every Coulomb interaction of ``system``'s NonbondedForces by ``dielectric`` (in place).
+def screen_coulomb(system: openmm.System, dielectric: float, particles=None) -> None:
+    """Screen the Coulomb interactions of ``system``'s NonbondedForces by ``dielectric`` (in place).
 
-    Particle charges are scaled by 1/sqrt(dielectric) and exception charge products by
-    1/dielectric; Lennard-Jones terms are untouched.
+    The charges of ``particles`` (default: all) are scaled by 1/sqrt(dielectric) and every
+    exception's charge product by the product of its two particles' factors, so interactions
+    between two screened particles are divided by ``dielectric``, between a screened and a bare
+    one by its square root. Lennard-Jones terms are untouched.
     """
-    f = 1.0 / math.sqrt(dielectric)
+    f = np.ones(system.getNumParticles())
+    f[slice(None) if particles is None else np.asarray(particles, dtype=np.int64)] = 1.0 / math.sqrt(dielectric)
     for force in system.getForces():
         if isinstance(force, openmm.NonbondedForce):
             for i in range(force.getNumParticles()):
                 q, sigma, epsilon = force.getParticleParameters(i)
-                force.setParticleParameters(i, q * f, sigma, epsilon)
+                force.setParticleParameters(i, q * f[i], sigma, epsilon)
             for i in range(force.getNumExceptions()):
                 a, b, qq, sigma, epsilon = force.getExceptionParameters(i)
-                force.setExceptionParameters(i, a, b, qq * (f * f), sigma, epsilon)
+                force.setExceptionParameters(i, a, b, qq * (f[a] * f[b]), sigma, epsilon)
+
+
+def backbone_particles(system: openmm.System, backbone_atoms: np.ndarray) -> np.ndarray:
+    """Particle indices of the peptide backbone: N, CA, C of every residue frame, the hydrogens
+    bonded to N or CA (H, H1-3, HA, HA2, HA3) and the other atoms bonded to C (O, OXT); the bonds
+    are the System's (HarmonicBondForce bonds and constraints), hydrogens those under 4 amu (HMR
+    included). Returns a sorted int array."""
+    neighbours: dict[int, set[int]] = {}
+
+    def link(a: int, b: int) -> None:
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+
+    for force in system.getForces():
+        if isinstance(force, openmm.HarmonicBondForce):
+            for i in range(force.getNumBonds()):
+                a, b, *_ = force.getBondParameters(i)
+                link(int(a), int(b))
+    for i in range(system.getNumConstraints()):
+        a, b, _ = system.getConstraintParameters(i)
+        link(int(a), int(b))
+    mass = np.array([system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(system.getNumParticles())])
+    frame_atoms = set(int(a) for a in np.asarray(backbone_atoms).reshape(-1))
+    out = set(frame_atoms)
+    for n, ca, c in np.asarray(backbone_atoms, dtype=np.int64):
+        for center in (int(n), int(ca)):
+            out.update(j for j in neighbours.get(center, ()) if 0 < mass[j] < 4.0)
+        out.update(j for j in neighbours.get(int(c), ()) if j not in frame_atoms and mass[j] >= 4.0)
+    return np.array(sorted(out), dtype=np.int64)
 
 
 def _constraints_to_bonds(system: openmm.System) -> None:
@@ -465,6 +497,9 @@ class Backmapper:
         that MD in solvent does not make. The default was chosen by a rule fixed in advance on a
         validation and a training protein (benchmarks/RESULTS.md, "Backmap electrostatics"):
         more frames pass the clash and rotamer checks, slightly fewer the Ramachandran check.
+    screen : {"all", "side_chains"}
+        Which charges ``dielectric`` screens: all, or all but the peptide backbone's (N, H, CA,
+        HA, C, O: :func:`backbone_particles`), whose bare-vacuum attraction holds φ/ψ.
     max_iterations : int
         Iteration cap of the local minimisation (0: until converged); 200 suffices for frames
         ~1 ns apart, where the minimiser usually stops on ``tolerance`` first.
@@ -496,6 +531,7 @@ class Backmapper:
         max_iterations: int = 200,
         tolerance=10.0 * unit.kilojoule_per_mole / unit.nanometer,
         dielectric: Optional[float] = None,
+        screen: str = "all",
         platform=None,
         platform_properties: Optional[dict] = None,
         deterministic: bool = False,
@@ -514,6 +550,9 @@ class Backmapper:
             raise ValueError(f"dielectric={dielectric!r} must be a finite number >= 1 (1 = bare vacuum).")
         #: relative permittivity of the vacuum minimisation's Coulomb term (1 in other modes: unused)
         self.dielectric = dielectric if mode == "vacuum" else 1.0
+        if screen not in ("all", "side_chains"):
+            raise ValueError(f"screen={screen!r} is not known; use 'all' or 'side_chains'.")
+        self.screen = screen
         self.hold = hold
         self.repair_ca = bool(repair_ca)
         #: frames whose restrained minimisation broke the generated Cα trace and were minimised
@@ -596,7 +635,11 @@ class Backmapper:
             if self.mode == "vacuum":
                 system = without_implicit_solvent(system)
                 if self.dielectric != 1.0:
-                    screen_coulomb(system, self.dielectric)
+                    particles = None
+                    if self.screen == "side_chains":
+                        backbone = backbone_particles(system, self.backbone_atoms)
+                        particles = np.setdiff1d(np.arange(system.getNumParticles()), backbone)
+                    screen_coulomb(system, self.dielectric, particles)
             _constraints_to_bonds(system)
             shield_bare_hydrogens(system)
             force = openmm.CustomExternalForce(

@@ -25,6 +25,7 @@ from openmm_starmd.backmap import (
     VACUUM_DIELECTRIC,
     BackmapWarning,
     atom_layout,
+    backbone_particles,
     disulfide_bonds,
     rigid_transport,
     screen_coulomb,
@@ -411,6 +412,32 @@ def test_screen_coulomb_divides_the_coulomb_energy_and_keeps_lennard_jones(fragm
     assert _nonbonded_energy_kj(screened, x) - lj == pytest.approx(coulomb / 4.0, rel=1e-6)
 
 
+def test_backbone_particles_are_the_peptide_backbone_atoms(fragment):
+    names = [a.name for a in fragment.topology.atoms()]
+    picked = backbone_particles(fragment.system, fragment.backbone_atoms)  # HBonds: H bonds are constraints
+    want = {"N", "CA", "C", "O", "OXT", "H", "H1", "H2", "H3", "HA", "HA2", "HA3"}
+    assert sorted(picked) == sorted(i for i, n in enumerate(names) if n in want)
+
+
+def test_side_chain_screening_leaves_backbone_pairs_bare(fragment):
+    system = without_implicit_solvent(fragment.system)
+    bb = backbone_particles(system, fragment.backbone_atoms)
+    side = np.setdiff1d(np.arange(system.getNumParticles()), bb)
+    screened = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+    screen_coulomb(screened, 16.0, side)
+    nb = [f for f in system.getForces() if isinstance(f, openmm.NonbondedForce)][0]
+    snb = [f for f in screened.getForces() if isinstance(f, openmm.NonbondedForce)][0]
+    for i in (int(bb[0]), int(side[0])):
+        q0 = nb.getParticleParameters(i)[0].value_in_unit(unit.elementary_charge)
+        q1 = snb.getParticleParameters(i)[0].value_in_unit(unit.elementary_charge)
+        assert q1 == pytest.approx(q0 if i in bb else q0 / 4.0)
+    for k in range(nb.getNumExceptions()):
+        a, b, qq0, *_ = nb.getExceptionParameters(k)
+        qq1 = snb.getExceptionParameters(k)[2]
+        factor = (1.0 if a in bb else 0.25) * (1.0 if b in bb else 0.25)
+        assert qq1.value_in_unit(qq0.unit) == pytest.approx(qq0.value_in_unit(qq0.unit) * factor)
+
+
 def test_bare_vacuum_backmap_repairs_like_the_screened_default(fragment, nmr_targets):
     """dielectric=1 (bare vacuum, the default before 2026-11-27) keeps the guarantees (peptide
     bonds, Cα on target, lower energy than the rigid move) and reaches a different minimum than
@@ -460,6 +487,8 @@ def test_invalid_arguments_are_named(fragment):
         Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, restrain="all")
     with pytest.raises(ValueError, match="dielectric=0.5 must be a finite number >= 1"):
         Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, dielectric=0.5)
+    with pytest.raises(ValueError, match="screen='backbone' is not known"):
+        Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, screen="backbone")
     with pytest.raises(ValueError, match="applies to mode='vacuum' only"):
         Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="system", dielectric=4)
     assert Backmapper(fragment.system, fragment.atom_residue, fragment.backbone_atoms, mode="system").dielectric == 1.0
