@@ -114,6 +114,7 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
     from openmm import app, unit
     from tqdm.auto import tqdm
 
+    from .backmap import VACUUM_DIELECTRIC
     from .integrator import StarMDIntegrator
 
     n_frames, every, out, tmp, prepared, system, seed, ca_top = _start_run(
@@ -154,7 +155,8 @@ def run_one(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: float, *
     record = {
         "input": str(pdb_path), "time_ns": time_ns, "dt_ns": dt_ns, "report_every_ns": report_ns,
         "frames": n_frames, "all_atom_frames": n_frames // every, "seed": seed, "device": integrator.device,
-        "model": str(model) if model else "bundled default", "backmap": backmap, "ca_geometry": bool(ca_geometry),
+        "model": str(model) if model else "bundled default", "backmap": backmap,
+        "backmap_dielectric": VACUUM_DIELECTRIC if backmap == "vacuum" else None, "ca_geometry": bool(ca_geometry),
         "sampling": integrator.sampling_config.to_dict(), "forcefield": list(forcefield),
         "wall_s": wall, "ns_per_day": time_ns / wall * 86400, "strained_frames": integrator.strained_frames,
         "ca_repaired_frames": integrator.ca_repaired_frames,
@@ -219,6 +221,7 @@ def run_replicas(pdb_path, out_dir, time_ns: float, dt_ns: float, report_ns: flo
         "input": str(pdb_path), "time_ns": time_ns, "dt_ns": dt_ns, "report_every_ns": report_ns,
         "frames": n_frames, "all_atom_frames": n_frames // every, "replicas": n_replicas, "seed": seed,
         "device": device, "model": str(model) if model else "bundled default", "backmap": backmap,
+        "backmap_dielectric": gen.backmapper.dielectric if backmap == "vacuum" else None,
         "ca_geometry": bool(ca_geometry), "sampling": sampling.to_dict(), "forcefield": list(forcefield), "wall_s": wall,
         "ns_per_day": n_replicas * time_ns / wall * 86400, "strained_frames": gen.backmapper.strained_frames,
         "ca_repaired_frames": gen.backmapper.ca_repaired_frames,

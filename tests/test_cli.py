@@ -48,6 +48,7 @@ def test_run_writes_every_output(small_model, tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["frames"] == 6 and record["all_atom_frames"] == 2 and record["seed"] == 3
     assert isinstance(record["strained_frames"], int) and 0 <= record["strained_frames"] <= 2
+    assert record["backmap"] == "vacuum" and record["backmap_dielectric"] == 16.0
     allatom = md.load(str(out / "traj.dcd"), top=str(out / "prepared.pdb"))
     assert allatom.n_frames == 2 and np.isfinite(allatom.xyz).all()
     ca = md.load(str(out / "traj_ca.dcd"), top=str(out / "ca.pdb"))
@@ -135,6 +136,7 @@ def test_replicas_are_batched_independent_trajectories(small_model, tmp_path):
     assert rc == 0 and not (out / ".partial").exists()
     record = json.loads((out / "run.json").read_text())
     assert record["replicas"] == 3 and record["frames"] == 4 and record["ca_geometry"] is False
+    assert record["backmap"] == "none" and record["backmap_dielectric"] is None
     assert record["strained_frames"] == 0  # recorded for replica runs too (none strained with this seed)
     cas = []
     for k in range(3):
