@@ -7,10 +7,8 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_checks}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/.whl/pylib:$PWD
-NVLIBS=$(find / -xdev \( -name 'libcudart.so*' -o -name 'libnvrtc.so*' -o -name 'libcufft.so*' \) -path '*nvidia*' 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
-export LD_LIBRARY_PATH=${NVLIBS}${LD_LIBRARY_PATH:-}
+[ -d .whl ] || { echo "gpu_checks: no .whl/ with the OpenMM and mdtraj wheels (see benchmarks/RESULTS.md, GPU)"; exit 1; }
+source benchmarks/gpu_env.sh || exit 1
 python3 - <<'PY' | tee -a "$OUT/gpu.txt"
 import openmm, torch
 names = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]

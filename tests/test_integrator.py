@@ -279,11 +279,10 @@ def test_bundled_model_on_cuda_steps_and_backmaps(crambin_pdb, tmp_path):
     sim.reporters += [log, app.DCDReporter(str(tmp_path / "t.dcd"), 2)]
     sim.step(6)
     assert len(log.records) == 3
-    n = [a.index for a in crambin.topology.atoms() if a.name == "N"]
-    c = [a.index for a in crambin.topology.atoms() if a.name == "C"]
+    idx = _backbone_indices(crambin.topology)
     for step, x, frames in log.records:
         assert np.isfinite(x).all(), f"step {step}"
-        bonds = 10 * np.linalg.norm(x[n[1:]] - x[c[:-1]], axis=-1)
+        bonds = 10 * np.linalg.norm(x[idx["N"][1:]] - x[idx["C"][:-1]], axis=-1)
         assert 1.25 < bonds.min() and bonds.max() < 1.45, f"step {step}"
     first, last = log.records[0][2].trans.numpy(), log.records[-1][2].trans.numpy()
     assert np.abs(first - last).max() > 0.01  # nm: the frames moved between steps 2 and 6

@@ -20,12 +20,7 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_md}; mkdir -p "$OUT"
 MD_SECONDS=${MD_SECONDS:-270}; WORKERS=${WORKERS:-2}; PY=${PY:-python3}; PLATFORM=${PLATFORM:-CUDA}
-if [ -d .whl ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/.whl/pylib:$PWD
-  NVLIBS=$(find / -xdev \( -name 'libcudart.so*' -o -name 'libnvrtc.so*' -o -name 'libcufft.so*' \) -path '*nvidia*' 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
-  export LD_LIBRARY_PATH=${NVLIBS}${LD_LIBRARY_PATH:-}
-fi
+source benchmarks/gpu_env.sh || exit 1
 mkdir -p training/md; rm -f training/md/STOP
 marker=$(mktemp); sleep 1
 for w in $(seq 0 $((WORKERS - 1))); do
